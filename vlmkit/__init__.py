@@ -1,0 +1,45 @@
+"""vlmkit: wrap a Hugging Face vision-language model with visual-token compression, visual position
+encodings, segmentation outputs, PEFT fine-tuning and evaluation.
+
+``import vlmkit`` is cheap: names resolve on first use (torch and transformers load then).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "wrap": "vlmkit.wrap",
+    "load": "vlmkit.wrap",
+    "unwrap": "vlmkit.wrap",
+    "VLMWrapper": "vlmkit.wrap",
+    "VisualTokens": "vlmkit.tokens",
+    "StageConfig": "vlmkit.config",
+    "Stage": "vlmkit.stage",
+    "supported_families": "vlmkit.families.registry",
+    "FoPruConfig": "vlmkit.compress.fopru",
+    "RandomPruneConfig": "vlmkit.compress.random",
+    "DivPruneConfig": "vlmkit.compress.divprune",
+    "PVCConfig": "vlmkit.compress.pvc",
+    "V2PEConfig": "vlmkit.position.v2pe",
+    "MouSiPositionConfig": "vlmkit.position.mousi",
+    "Text4SegConfig": "vlmkit.seg.text4seg",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

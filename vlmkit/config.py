@@ -1,0 +1,117 @@
+"""Stage configs: small dataclasses with a ``type`` string, a registry from type to class, JSON round trip.
+
+A config only describes a stage; ``config.build()`` makes the stage module. The registry maps each
+``type`` to ``"module:Class"`` strings and imports lazily, so ``import vlmkit`` does no work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, ClassVar
+
+# type string -> "module:ConfigClass" of the built-in stages. Imported on first use only (timm-style,
+# no import-time work); third-party stages add themselves with ``register_config``.
+_CONFIG_PATHS: dict[str, str] = {
+    "fopru": "vlmkit.compress.fopru:FoPruConfig",
+    "random": "vlmkit.compress.random:RandomPruneConfig",
+    "divprune": "vlmkit.compress.divprune:DivPruneConfig",
+    "pvc": "vlmkit.compress.pvc:PVCConfig",
+    "v2pe": "vlmkit.position.v2pe:V2PEConfig",
+    "mousi_position": "vlmkit.position.mousi:MouSiPositionConfig",
+    "text4seg": "vlmkit.seg.text4seg:Text4SegConfig",
+}
+_CONFIG_CLASSES: dict[str, type["StageConfig"]] = {}
+
+
+def register_config(type_name: str, path: str) -> None:
+    """Register a config class by dotted path, e.g. ``register_config("fopru", "vlmkit.compress.fopru:FoPruConfig")``."""
+    if type_name in _CONFIG_PATHS and _CONFIG_PATHS[type_name] != path:
+        raise ValueError(f"stage type {type_name!r} is already registered to {_CONFIG_PATHS[type_name]!r}")
+    _CONFIG_PATHS[type_name] = path
+
+
+def register_config_class(cls: type["StageConfig"]) -> type["StageConfig"]:
+    """Class decorator registering a config class under its ``type`` (for stages outside vlmkit)."""
+    if not cls.type:
+        raise ValueError(f"{cls.__name__} sets no 'type'")
+    _CONFIG_CLASSES[cls.type] = cls
+    return cls
+
+
+def registered_types() -> list[str]:
+    """All stage ``type`` strings a config can name."""
+    return sorted(set(_CONFIG_PATHS) | set(_CONFIG_CLASSES))
+
+
+def config_class(type_name: str) -> type["StageConfig"]:
+    """The config class registered for ``type_name``; ValueError naming the known types otherwise."""
+    if type_name in _CONFIG_CLASSES:
+        return _CONFIG_CLASSES[type_name]
+    if type_name not in _CONFIG_PATHS:
+        raise ValueError(f"unknown stage type {type_name!r}; known types: {registered_types()}")
+    module, name = _CONFIG_PATHS[type_name].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    _CONFIG_CLASSES[type_name] = cls
+    return cls
+
+
+def config_from_dict(data: dict[str, Any]) -> "StageConfig":
+    """Rebuild a config from ``to_dict()`` output; unknown ``type`` or fields raise ValueError."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise ValueError(f"a stage config must be a dict with a 'type' key, got {data!r}")
+    fields = dict(data)
+    cls = config_class(fields.pop("type"))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} for stage type {cls.type!r}; accepted: {sorted(known)}")
+    return cls(**fields)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """Base of every stage config.
+
+    Subclasses set ``type`` (registry key) and ``role``; ``role`` fixes where the stage runs in the
+    pipeline: ``"encoder"`` (changes how images are encoded), ``"compressor"`` (drops or merges visual
+    tokens), ``"position"`` (position ids) or ``"head"`` (output heads). ``validate()`` runs on
+    construction and raises ValueError for values that are wrong regardless of the model; checks that
+    need the model happen in ``Stage.attach`` at ``wrap()`` time.
+    """
+
+    type: ClassVar[str] = ""
+    role: ClassVar[str] = ""
+    stage_class: ClassVar[str] = ""  # "module:Class" of the nn.Module this config builds
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for invalid field values (override)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **{f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StageConfig":
+        config = config_from_dict(data)
+        if not isinstance(config, cls):
+            raise ValueError(f"{data.get('type')!r} is not a {cls.__name__}")
+        return config
+
+    def build(self):
+        """Instantiate the stage module (``vlmkit.stage.Stage``) this config describes."""
+        module, name = self.stage_class.split(":")
+        return getattr(importlib.import_module(module), name)(self)
+

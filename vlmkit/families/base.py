@@ -1,0 +1,132 @@
+"""``Family``: what vlmkit needs to know about one HF model family, behind one small interface."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..tokens import VisualTokens
+
+
+def _as_pair(value) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+class Family:
+    """Adapter for one ``*ForConditionalGeneration`` class of the LLaVA / InternVL shape.
+
+    Subclasses name the model classes they accept and how tiles map to images; everything else
+    (placeholder id, embeddings, the model's own ``get_image_features``) is shared.
+    """
+
+    model_type: ClassVar[str] = ""
+    model_class_names: ClassVar[tuple[str, ...]] = ()
+    image_kwarg_names: ClassVar[tuple[str, ...]] = ()  # extra processor outputs get_image_features takes
+
+    def __init__(self, model: nn.Module) -> None:
+        if type(model).__name__ not in self.model_class_names:
+            raise ValueError(
+                f"vlmkit's {self.model_type!r} family wraps {list(self.model_class_names)}, "
+                f"got {type(model).__name__}"
+            )
+        self.model = model
+        self.config = model.config
+
+    # --- ids and embeddings -------------------------------------------------------------------
+    @property
+    def placeholder_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        for cfg in (self.config, getattr(self.config, "text_config", None)):
+            pad = getattr(cfg, "pad_token_id", None)
+            if pad is not None:
+                return int(pad)
+        return 0
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] ids -> [B, S, D] input embeddings of the language model."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    # --- vision -------------------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's transformer layers (for hooks: FoPru scores, PVC temporal blocks)."""
+        return self.vision_tower.encoder.layers
+
+    @property
+    def feature_layer(self) -> int:
+        return self.config.vision_feature_layer
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return _as_pair(self.config.vision_config.image_size)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return _as_pair(self.config.vision_config.patch_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the visual-token grid of one tile, as the language model sees it uncompressed."""
+        (H, W), (ph, pw) = self.image_size, self.patch_size
+        return H // ph, W // pw
+
+    @property
+    def tokens_per_tile(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    def check_pixel_values(self, pixel_values: Any) -> None:
+        """Raise ValueError unless ``pixel_values`` is a float tensor [N, C, H, W] of the tower's size."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        C = self.config.vision_config.num_channels
+        H, W = self.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (C, H, W):
+            raise ValueError(
+                f"pixel_values must be [num_images, {C}, {H}, {W}] for this {self.model_type} model, "
+                f"got shape {tuple(pixel_values.shape)}"
+            )
+
+    def tiles_per_image(self, input_ids: torch.Tensor | None, num_tiles: int) -> list[int]:
+        """How many rows of ``pixel_values`` make up each image (one each unless a family tiles)."""
+        return [1] * num_tiles
+
+    def image_features(self, pixel_values: torch.Tensor, **image_kwargs) -> list[torch.Tensor]:
+        """Per-tile projected features through the model's own tower and projector: list of [N, D]."""
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            **image_kwargs,
+        )
+        return list(out.pooler_output)
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None, **image_kwargs
+    ) -> list[VisualTokens]:
+        """One uncompressed ``VisualTokens`` per image (tiles of one image are concatenated, ``frame`` = tile)."""
+        self.check_pixel_values(pixel_values)
+        feats = self.image_features(pixel_values, **image_kwargs)
+        tiles = self.tiles_per_image(input_ids, len(feats))
+        if sum(tiles) != len(feats):
+            raise ValueError(
+                f"pixel_values holds {len(feats)} tiles but the image markers in input_ids describe "
+                f"{sum(tiles)} ({tiles})"
+            )
+        out, start = [], 0
+        for n in tiles:
+            embeds = torch.cat(feats[start : start + n], dim=0)
+            out.append(VisualTokens.full(embeds, self.grid, frames=n))
+            start += n
+        return out

@@ -1,0 +1,24 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): one CLIP tile per image, CLS dropped, 576 tokens at 336 px."""
+
+from __future__ import annotations
+
+from .base import Family
+
+
+class LlavaFamily(Family):
+    model_type = "llava"
+    model_class_names = ("LlavaForConditionalGeneration",)
+    image_kwarg_names = ("image_sizes",)
+
+    @property
+    def vision_layers(self):
+        tower = self.vision_tower  # CLIPVisionModel / SiglipVisionModel keep the encoder in .vision_model
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = super().grid
+        if self.config.vision_feature_select_strategy != "default":
+            # "full" keeps CLS: 1 + h·w tokens that do not form a grid; index them as one row.
+            return 1, h * w + 1
+        return h, w

@@ -1,0 +1,37 @@
+"""Map ``config.model_type`` to the family adapter that handles it (adapters import lazily)."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# model_type -> "module:Class"; modules are imported when a model of that type is wrapped.
+_FAMILIES: dict[str, str] = {
+    "llava": "vlmkit.families.llava:LlavaFamily",
+    "internvl": "vlmkit.families.internvl:InternVLFamily",
+}
+
+
+def supported_families() -> list[str]:
+    """The ``config.model_type`` values ``vlmkit.wrap`` accepts."""
+    return sorted(_FAMILIES)
+
+
+def register_family(model_type: str, path: str) -> None:
+    """Register an adapter class (``"module:Class"``) for ``model_type``."""
+    _FAMILIES[model_type] = path
+
+
+def family_for(model: nn.Module):
+    """The adapter instance for ``model``; ValueError naming the type and the supported families otherwise."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"vlmkit cannot wrap {type(model).__name__} (model_type={model_type!r}); "
+            f"supported families: {supported_families()}"
+        )
+    module, name = _FAMILIES[model_type].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(model)

@@ -1,0 +1,173 @@
+"""Tiny models of the real ``transformers`` classes with a real processor, built offline in well under 2 s.
+
+``tiny_vlm(family)`` returns ``(model, processor)``: random weights, small configs, and a word-level
+tokenizer built locally with the ``tokenizers`` library over a closed vocabulary (the shapes benchmark
+words plus the family's image markers). Tests and docs use it; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+# Closed vocabulary of the tiny tokenizer beyond the shapes benchmark words: chat roles and glue words.
+BASE_WORDS = (
+    "user", "assistant", "system", ":", ".", ",", "?", "!", "\n", "the", "a", "an", "is", "of", "in",
+    "what", "which", "how", "many", "there", "image", "describe", "yes", "no", "and", "or", "to",
+)
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+_SPLIT = re.compile(r"<[^<>\s]+>|\w+|[^\w\s]|\n")
+
+
+def tokenizer_words() -> list[str]:
+    """Every ordinary word of the tiny vocabulary: ``BASE_WORDS``, the shapes benchmark words and digits."""
+    words = set(BASE_WORDS) | {str(d) for d in range(10)}
+    try:
+        from .data.shapes import VOCAB_WORDS
+
+        words |= set(VOCAB_WORDS)
+    except ImportError:  # the shapes module is optional for the tokenizer
+        pass
+    return sorted(words)
+
+
+def build_tokenizer(extra_special: tuple[str, ...] = (), words: list[str] | None = None, **named_special):
+    """A ``PreTrainedTokenizerFast`` (word level, closed vocabulary) built locally; no files, no network.
+
+    ``extra_special`` are added as special tokens (image markers); ``named_special`` become tokenizer
+    attributes such as ``image_token="<image>"`` (5.x ``extra_special_tokens``).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    markers = list(dict.fromkeys([*extra_special, *named_special.values()]))
+    vocab_list = [*SPECIAL_TOKENS, *markers, *(words if words is not None else tokenizer_words())]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(_SPLIT.pattern), behavior="isolated"),
+    ])
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=markers,
+        extra_special_tokens=named_special or None,
+        padding_side="left",
+    )
+    return tok
+
+
+def _tiny_llama_text(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, hidden: int = 64):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False,
+    )
+
+
+def _tiny_llava(seed: int, image_size: int = 32, patch: int = 8):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaProcessor
+
+    tok = build_tokenizer(image_token="<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch, projection_dim=32,
+    )
+    text = _tiny_llama_text(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLIP's CLS token
+    )
+    return model, processor
+
+
+def _tiny_internvl(seed: int, image_size: int = 32, patch: int = 4):
+    from transformers import (
+        GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
+        InternVLVideoProcessor, InternVLVisionConfig, Qwen2Config,
+    )
+
+    tok = build_tokenizer(
+        extra_special=("<video>",),
+        start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+        video_token="<video>",
+    )
+    vision = InternVLVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=(image_size, image_size), patch_size=(patch, patch),
+    )
+    text = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    seq_len = (image_size // patch) ** 2 // 4  # pixel shuffle 0.5 merges 2×2 patches
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=seq_len, downsample_ratio=0.5, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    size = {"height": image_size, "width": image_size}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False),
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=seq_len,
+    )
+    return model, processor
+
+
+_FACTORIES: dict[str, Callable] = {"llava": _tiny_llava, "internvl": _tiny_internvl}
+
+
+def tiny_families() -> list[str]:
+    """Families ``tiny_vlm`` can build."""
+    return sorted(_FACTORIES)
+
+
+def tiny_vlm(family: str = "llava", seed: int = 0, **sizes):
+    """Build ``(model, processor)`` of ``family`` with random weights seeded by ``seed`` (eval mode, fp32)."""
+    if family not in _FACTORIES:
+        raise ValueError(f"tiny_vlm has no family {family!r}; available: {tiny_families()}")
+    return _FACTORIES[family](seed, **sizes)
+
+
+def image_prompt(processor, question: str, n_images: int = 1) -> str:
+    """A plain prompt with ``n_images`` image markers before ``question`` for the processor's family."""
+    marker = getattr(processor, "image_token", "<image>")
+    if hasattr(processor, "start_image_token"):  # InternVL: the processor expands <IMG_CONTEXT>
+        marker = processor.image_token
+    return "user : " + " ".join([marker] * n_images) + " " + question + " assistant :"
+
+
+def random_images(n: int, size: int = 32, seed: int = 0):
+    """``n`` random RGB PIL images (deterministic by seed)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]

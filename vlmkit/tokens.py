@@ -1,0 +1,76 @@
+"""``VisualTokens``: the one data structure that crosses stage boundaries, one per image."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class VisualTokens:
+    """The visual tokens of one image, and where each came from.
+
+    Fields:
+      embeds: [K, D] token embeddings in the language model's width.
+      index:  [K] LongTensor, strictly increasing: the position of each token in the image's
+              *uncompressed* placeholder run. For a single-grid image that is the row-major cell
+              ``row * w + col``; for an image of several tiles/frames it is ``frame * h * w + cell``.
+      grid:   (h, w) of one uncompressed tile/frame.
+      frame:  [K] LongTensor (tile or frame of each token) or None for single-grid images.
+      scores: [N] per-token significance over the uncompressed tokens (N = frames·h·w), set by a
+              compressor that scores tokens (e.g. FoPru); None otherwise.
+      num_uncompressed: N, the length of the placeholder run the processor emitted for this image.
+    """
+
+    embeds: torch.Tensor
+    index: torch.Tensor
+    grid: tuple[int, int]
+    frame: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    num_uncompressed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.embeds.dim() != 2:
+            raise ValueError(f"VisualTokens.embeds must be [K, D], got shape {tuple(self.embeds.shape)}")
+        if self.index.shape != (self.embeds.shape[0],):
+            raise ValueError(
+                f"VisualTokens.index must be [K={self.embeds.shape[0]}], got shape {tuple(self.index.shape)}"
+            )
+        if self.num_uncompressed is None:
+            self.num_uncompressed = int(self.embeds.shape[0])
+
+    @classmethod
+    def full(cls, embeds: torch.Tensor, grid: tuple[int, int], frames: int = 1) -> "VisualTokens":
+        """Uncompressed tokens of an image of ``frames`` tiles of ``grid`` cells each: embeds [frames·h·w, D]."""
+        h, w = grid
+        n = frames * h * w
+        if embeds.shape[0] != n:
+            raise ValueError(f"expected {frames}×{h}×{w}={n} visual tokens, got {embeds.shape[0]}")
+        index = torch.arange(n, device=embeds.device)
+        frame = index // (h * w) if frames > 1 else None
+        return cls(embeds=embeds, index=index, grid=(h, w), frame=frame, num_uncompressed=n)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def cell(self) -> torch.Tensor:
+        """[K] row-major cell of each token within its own tile/frame."""
+        return self.index % (self.grid[0] * self.grid[1])
+
+    def select(self, keep: torch.Tensor) -> "VisualTokens":
+        """Keep the tokens at positions ``keep`` ([K'] LongTensor into this object's tokens), in increasing order.
+
+        The kept tokens keep their original order, so ``keep`` must be strictly increasing.
+        """
+        keep = keep.to(device=self.embeds.device, dtype=torch.long)
+        if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+            raise ValueError(f"select() needs strictly increasing positions, got {keep.tolist()}")
+        return dataclasses.replace(
+            self,
+            embeds=self.embeds[keep],
+            index=self.index[keep],
+            frame=None if self.frame is None else self.frame[keep],
+        )
