@@ -39,13 +39,14 @@ def build_tokenizer(extra_special: tuple[str, ...] = (), words: list[str] | None
     ``extra_special`` are added as special tokens (image markers); ``named_special`` become tokenizer
     attributes such as ``image_token="<image>"`` (5.x ``extra_special_tokens``).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     markers = list(dict.fromkeys([*extra_special, *named_special.values()]))
     vocab_list = [*SPECIAL_TOKENS, *markers, *(words if words is not None else tokenizer_words())]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()  # the vocabulary is lowercase; markers keep their case
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
         pre_tokenizers.Split(Regex(_SPLIT.pattern), behavior="isolated"),

@@ -46,6 +46,8 @@ class VLMWrapper(nn.Module):
     wrapped model returns.
     """
 
+    base_model_prefix = "base_model"  # PEFT / transformers utilities look the inner model up by this name
+
     def __init__(self, model: nn.Module, *configs: StageConfig) -> None:
         super().__init__()
         family = family_for(model)  # ValueError for unsupported models, before anything is changed
@@ -74,6 +76,13 @@ class VLMWrapper(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
+
+    def trainable_stage_names(self) -> list[str]:
+        """Module names of the stages that have parameters, for PEFT's ``modules_to_save``.
+
+        PEFT then trains a copy of each such stage and routes the stage hooks (``compress``, …) to it.
+        """
+        return [f"stages.{i}" for i, s in enumerate(self.stages) if any(True for _ in s.parameters())]
 
     def stages_of(self, role: str) -> list[Stage]:
         return [s for s in self.stages if s.role == role]

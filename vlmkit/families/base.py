@@ -121,8 +121,8 @@ class Family:
         tiles = self.tiles_per_image(input_ids, len(feats))
         if sum(tiles) != len(feats):
             raise ValueError(
-                f"pixel_values holds {len(feats)} tiles but the image markers in input_ids describe "
-                f"{sum(tiles)} ({tiles})"
+                f"pixel_values holds {len(feats)} image tile(s) but the image placeholder runs in input_ids "
+                f"need {sum(tiles)} (tiles per image: {tiles})"
             )
         out, start = [], 0
         for n in tiles:
