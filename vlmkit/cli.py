@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vlmkit.info:cli_main", "versions, supported families and which optional parts are installed"),
     "shapes": ("vlmkit.data.shapes:cli_main", "write the synthetic shapes benchmark to a folder"),
     "demo": ("vlmkit.demo:cli_main", "the main job: run the default model through the pipeline"),
+    "eval": ("vlmkit.evaluation.runner:cli_main", "evaluate a model on benchmark tasks (eval/*.yaml)"),
     "prune-viz": ("vlmkit.viz.pruning:cli_main", "draw which visual tokens FoPru keeps on an image (PNG)"),
 }
 
