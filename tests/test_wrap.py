@@ -269,3 +269,16 @@ def test_peft_lora_on_wrapped_model(tiny):
     grads = {n for n, p in peft_model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n or "stages" in n for n in grads)
     assert any("stages.0.modules_to_save" in n for n in grads), "PEFT's trained copy of the stage must be used"
+
+
+def test_parse_stage_spec():
+    from vlmkit.config import parse_stage_spec
+
+    assert parse_stage_spec("test_drop_every_other:2.5") == DropEveryOtherConfig(scale=2.5)
+    assert parse_stage_spec("test_drop_every_other:scale=3") == DropEveryOtherConfig(scale=3)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['bogus'\]"):
+        parse_stage_spec("test_drop_every_other:bogus=1")
+    with pytest.raises(ValueError, match="too many values"):
+        parse_stage_spec("test_drop_every_other:1,2")
+    with pytest.raises(ValueError, match="unknown stage type 'nope'"):
+        parse_stage_spec("nope:1")

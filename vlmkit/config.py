@@ -115,3 +115,45 @@ class StageConfig:
         module, name = self.stage_class.split(":")
         return getattr(importlib.import_module(module), name)(self)
 
+
+
+def _literal(text: str) -> Any:
+    """Parse a command-line value: int, float, true/false/none, else the string itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_stage_spec(spec: str) -> StageConfig:
+    """Build a config from a command-line spec: ``TYPE[:VALUE,...][,FIELD=VALUE,...]``.
+
+    Positional values fill the config's fields in order: ``"fopru:0.25"`` is
+    ``FoPruConfig(keep_ratio=0.25)``, ``"fopru:0.25,strategy=row"`` adds ``strategy="row"``,
+    ``"v2pe:64"`` is ``V2PEConfig(stride=64)``.
+    """
+    type_name, _, rest = spec.partition(":")
+    cls = config_class(type_name.strip())
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    named = False
+    for i, part in enumerate(p for p in rest.split(",") if p.strip()):
+        key, eq, value = part.partition("=")
+        if eq:
+            named = True
+            kwargs[key.strip()] = _literal(value.strip())
+        elif named or i >= len(names):
+            raise ValueError(f"in stage spec {spec!r}: positional value {key!r} after named ones or too many values")
+        else:
+            kwargs[names[i]] = _literal(key.strip())
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise ValueError(f"in stage spec {spec!r}: unknown field(s) {unknown}; {type_name} takes {names}")
+    return cls(**kwargs)

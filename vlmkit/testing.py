@@ -23,7 +23,7 @@ _SPLIT = re.compile(r"<[^<>\s]+>|\w+|[^\w\s]|\n")
 
 def tokenizer_words() -> list[str]:
     """Every ordinary word of the tiny vocabulary: ``BASE_WORDS``, the shapes benchmark words and digits."""
-    words = set(BASE_WORDS) | {str(d) for d in range(10)}
+    words = set(BASE_WORDS) | {str(d) for d in range(65)}  # run lengths of R-RLE rows up to 64 cells
     try:
         from .data.shapes import VOCAB_WORDS
 
