@@ -282,3 +282,25 @@ def test_parse_stage_spec():
         parse_stage_spec("test_drop_every_other:1,2")
     with pytest.raises(ValueError, match="unknown stage type 'nope'"):
         parse_stage_spec("nope:1")
+
+
+def test_wrap_a_peft_model_and_reload_adapter_with_plain_peft(tmp_path, family):
+    """LoRA on the HF model, vlmkit on top: the adapter stays a plain PEFT adapter of the HF model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, processor = tiny_vlm(family, seed=4)
+    batch = make_batch(processor, QUESTIONS[:2], [1, 1], padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    wrapped = vlmkit.wrap(peft_model, DropEveryOtherConfig())
+    out = wrapped(**batch, labels=labels)
+    out.loss.backward()
+    grads = {n for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n or n.startswith("stages.") for n in grads)
+    peft_model.save_pretrained(tmp_path)
+
+    fresh, _ = tiny_vlm(family, seed=4)
+    reloaded = vlmkit.wrap(PeftModel.from_pretrained(fresh, tmp_path), DropEveryOtherConfig())
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, wrapped(**batch).logits, atol=1e-6)
+    assert vlmkit.unwrap(wrapped) is peft_model

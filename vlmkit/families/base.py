@@ -28,13 +28,15 @@ class Family:
     image_kwarg_names: ClassVar[tuple[str, ...]] = ()  # extra processor outputs get_image_features takes
 
     def __init__(self, model: nn.Module) -> None:
-        if type(model).__name__ not in self.model_class_names:
+        # A PEFT model (LoRA on the HF model) is called as it is; attributes are read from the model inside.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if type(inner).__name__ not in self.model_class_names:
             raise ValueError(
                 f"vlmkit's {self.model_type!r} family wraps {list(self.model_class_names)}, "
-                f"got {type(model).__name__}"
+                f"got {type(inner).__name__}"
             )
-        self.model = model
-        self.config = model.config
+        self.model = inner
+        self.config = inner.config
 
     # --- ids and embeddings -------------------------------------------------------------------
     @property
