@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shapes": ("vlmkit.data.shapes:cli_main", "write the synthetic shapes benchmark to a folder"),
     "demo": ("vlmkit.demo:cli_main", "the main job: run the default model through the pipeline"),
     "eval": ("vlmkit.evaluation.runner:cli_main", "evaluate a model on benchmark tasks (eval/*.yaml)"),
+    "finetune": ("vlmkit.train.cli:cli_main", "fine-tune with a PEFT recipe (adapters/*.yaml)"),
     "prune-viz": ("vlmkit.viz.pruning:cli_main", "draw which visual tokens FoPru keeps on an image (PNG)"),
 }
 
