@@ -304,3 +304,12 @@ def test_wrap_a_peft_model_and_reload_adapter_with_plain_peft(tmp_path, family):
     with torch.no_grad():
         assert torch.allclose(reloaded(**batch).logits, wrapped(**batch).logits, atol=1e-6)
     assert vlmkit.unwrap(wrapped) is peft_model
+
+
+def test_wrapper_follows_model_mode_and_num_return_sequences(tiny):
+    model, processor = tiny
+    batch = make_batch(processor, QUESTIONS[:2], [1, 1])
+    wrapped = vlmkit.wrap(model)
+    assert not wrapped.training and not model.training
+    kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert torch.equal(wrapped.generate(**batch, **kw), model.generate(**batch, **kw))

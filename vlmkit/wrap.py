@@ -64,6 +64,7 @@ class VLMWrapper(nn.Module):
             for stage in reversed(attached):
                 stage.detach(family)
             raise
+        self.train(model.training)  # follow the wrapped model's mode (an nn.Module starts in training mode)
 
     # --- HF-like surface ------------------------------------------------------------------------
     @property
@@ -177,9 +178,11 @@ class VLMWrapper(nn.Module):
         batch = self.assemble(input_ids, pixel_values, attention_mask, padding_side="left", **image_kwargs)
         with self._language_context(batch):
             out = self.base_model.generate(**self._language_inputs(batch), **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)  # beams / samples
         if isinstance(out, torch.Tensor):
-            return torch.cat([input_ids, out], dim=1)
-        out.sequences = torch.cat([input_ids, out.sequences], dim=1)
+            return torch.cat([prompt, out], dim=1)
+        out.sequences = torch.cat([prompt, out.sequences], dim=1)
         return out
 
     # --- save / load ----------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""MouSi position schemes (Fan et al., arXiv 2401.17221): make an image occupy fewer positions.
+
+MouSi released no code; the scheme definitions below follow the abstract ("4096 → 64 or even 1" positions
+for SAM) as reconstructed in the reference notes (compression_pe.md §5.3), not the paper's figure.
+Choices made where the notes are silent, for every mode: text tokens (image markers included) advance by 1;
+an image's block starts one after the token before it (a block at the start of a row after position -1);
+the text after an image resumes one after the block's *uncompressed* span, so pruning never moves text;
+tiles/frames of one image stack their rows (row = ``VisualTokens.index // w``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from ..config import StageConfig
+from .rotary import PositionStage, check_masks, visual_runs
+
+if TYPE_CHECKING:
+    from ..sequence import AssembledBatch
+
+MODES = ("shared", "row", "original")
+
+
+@dataclasses.dataclass
+class MouSiPositionConfig(StageConfig):
+    """MouSi position scheme; ``mode`` is one of ``"shared"``, ``"row"`` (default), ``"original"``.
+
+    ``"shared"``: every visual token of an image takes one position (span 1). Text a, 2×3 image, text b::
+
+        slot      a   v00 v01 v02 v10 v11 v12  b
+        cell      -   0   1   2   3   4   5    -
+        position  0   1   1   1   1   1   1    2
+
+    ``"row"``: one position per grid row (span = rows: CLIP 24, SAM 64). Same layout::
+
+        slot      a   v00 v01 v02 v10 v11 v12  b
+        row       -   0   0   0   1   1   1    -
+        position  0   1   1   1   2   2   2    3
+
+    ``"original"``: each token keeps the position of its grid cell in the uncompressed image (span = all
+    cells), so after pruning the kept tokens, and the text after them, keep their unpruned positions.
+    The same image pruned to cells 0, 2, 4::
+
+        slot      a   v00 v02 v11  b
+        cell      -   0   2   4    -
+        position  0   1   3   5    7
+
+    Shared positions make the tokens of a block indistinguishable to RoPE (only content tells them apart);
+    ``"shared"`` loses the 2-D layout, which hurts grounding/OCR (reference notes §5.5).
+    """
+
+    type = "mousi_position"
+    role = "position"
+    stage_class = "vlmkit.position.mousi:MouSiPosition"
+    mode: str = "row"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"MouSiPositionConfig.mode must be one of {list(MODES)}, got {self.mode!r}")
+
+
+def mousi_position_ids(
+    mode: str,
+    attention_mask: torch.Tensor,
+    image_id: torch.Tensor,
+    visual_index: torch.Tensor,
+    image_widths: Sequence[int],
+    image_lengths: Sequence[int],
+) -> torch.LongTensor:
+    """MouSi positions [B, S] (LongTensor; padding gets 1) for ``mode`` (see ``MouSiPositionConfig``).
+
+    attention_mask [B, S]; image_id [B, S]: image of each visual slot, -1 elsewhere; visual_index [B, S]:
+    the slot's cell in its image's uncompressed run (``VisualTokens.index``); image_widths[i] / image_lengths[i]:
+    grid width and uncompressed token count of image i (all tiles). Slots are read per row in order; the
+    tokens of one image must be contiguous.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    visual_mask = image_id >= 0
+    check_masks(visual_mask, attention_mask, image_id)
+    if visual_index.shape != image_id.shape:
+        raise ValueError(f"visual_index must be [B, S] like image_id, got {tuple(visual_index.shape)}")
+    if len(image_widths) != len(image_lengths):
+        raise ValueError(f"{len(image_widths)} image widths but {len(image_lengths)} image lengths")
+    B, S = attention_mask.shape
+    out = torch.ones((B, S), dtype=torch.long, device=attention_mask.device)
+    seen: set[tuple[int, int]] = set()
+    for b, cols, segments in visual_runs(visual_mask, attention_mask, image_id):
+        pos = torch.empty(cols.numel(), dtype=torch.long, device=attention_mask.device)
+        counter = -1
+        for start, end, key in segments:
+            n = end - start
+            if key < 0:  # text
+                pos[start:end] = torch.arange(counter + 1, counter + 1 + n, device=pos.device)
+                counter += n
+                continue
+            if key >= len(image_lengths):
+                raise ValueError(f"image_id {key} but only {len(image_lengths)} image sizes given")
+            if (b, key) in seen:
+                raise ValueError(f"the visual tokens of image {key} are not contiguous in row {b}")
+            seen.add((b, key))
+            w, length = int(image_widths[key]), int(image_lengths[key])
+            if w <= 0 or length <= 0 or length % w:
+                raise ValueError(f"image {key}: {length} tokens do not form rows of width {w}")
+            index = visual_index[b, cols[start:end]].long()
+            if bool((index < 0).any()) or bool((index >= length).any()):
+                raise ValueError(f"image {key}: visual_index outside [0, {length})")
+            L = counter
+            if mode == "shared":
+                pos[start:end] = L + 1
+                counter = L + 1
+            elif mode == "row":
+                pos[start:end] = L + 1 + torch.div(index, w, rounding_mode="floor")
+                counter = L + length // w
+            else:  # original
+                pos[start:end] = L + 1 + index
+                counter = L + length
+        out[b, cols] = pos
+    return out
+
+
+class MouSiPosition(PositionStage):
+    """MouSi position stage: reads grid cells from ``batch.visual_index`` and sizes from ``batch.tokens``."""
+
+    def rope_positions(self, batch: "AssembledBatch", training: bool | None = None) -> torch.Tensor:
+        return mousi_position_ids(
+            self.config.mode, batch.attention_mask, batch.image_id, batch.visual_index,
+            [t.grid[1] for t in batch.tokens], [t.num_uncompressed for t in batch.tokens],
+        ).to(torch.float64)

@@ -1,0 +1,223 @@
+"""Shared machinery of the position schemes: integer positions outside, scheme positions inside RoPE.
+
+Design choice (why not pass float ``position_ids`` to the model). transformers 5.x would accept float
+``position_ids`` (Llama/Qwen2 RoPE computes ``position_ids.float() * inv_freq``) and ``generate`` extends
+them by ``last + 1`` per step, but everything else that reads ``position_ids`` expects ordinary integer
+positions: ``masking_utils`` infers *packed sequences* from any step ≠ 1 when no 2-D mask and no cache are
+given (block-diagonal mask, silently wrong logits), FlashAttention-2's ``_is_packed_sequence`` does the same
+for batch 1, ``generate`` drops an all-ones attention mask, and shared positions (MouSi) repeat the minimum.
+So a position stage hands the model plain integer positions (``attention_mask.cumsum(-1) - 1``, the ones
+``generate`` itself would compute) and, only while the language model runs, swaps the decoder's
+``rotary_emb.forward(x, position_ids)`` for a per-row lookup integer → scheme position. Masking, packed-
+sequence detection and ``generate``'s bookkeeping see integers; only cos/sin see the scheme's positions.
+That works the same for eager and SDPA attention, with or without KV cache, and the cached keys carry the
+fractional rotation exactly as in the V2PE reference (keys are rotated before they enter the cache).
+
+Positions past the prompt continue at ``last scheme position + 1`` per step, as the V2PE reference does
+in ``prepare_inputs_for_generation``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+from ..stage import Stage
+
+if TYPE_CHECKING:
+    from ..families.base import Family
+    from ..sequence import AssembledBatch
+
+
+def rotary_embedding(family: "Family") -> nn.Module:
+    """The language model's rotary module (``model.model.language_model.rotary_emb`` for LLaVA and InternVL).
+
+    Kept here rather than in ``families/`` for now; a ``Family.rotary_embedding`` accessor would be the
+    natural home. Raises ValueError when the decoder has no RoPE module this scheme can remap.
+    """
+    model = family.model
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None)
+    rotary = getattr(lm, "rotary_emb", None)
+    if not isinstance(rotary, nn.Module) or not callable(getattr(rotary, "forward", None)):
+        raise ValueError(
+            f"vlmkit position schemes remap the decoder's rotary embedding, but {type(model).__name__} "
+            f"({family.model_type}) has no model.language_model.rotary_emb module"
+        )
+    rope_type = getattr(rotary, "rope_type", "default")
+    if isinstance(rope_type, str) and "mrope" in rope_type:
+        raise ValueError(f"position schemes need 1-D RoPE; {type(model).__name__} uses {rope_type!r}")
+    return rotary
+
+
+def integer_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """[B, S] ``attention_mask.cumsum(-1) - 1`` with padding at 0: exactly what ``generate`` computes itself."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _segments(key: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Split a 1-D key (-1 = text, ≥ 0 = visual run key) into maximal runs: (start, end, key)."""
+    n = int(key.numel())
+    if n == 0:
+        return []
+    change = torch.nonzero(key[1:] != key[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), n]
+    keys = key.tolist()
+    return [(s, e, keys[s]) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def visual_runs(visual_mask: torch.Tensor, attention_mask: torch.Tensor, image_id: torch.Tensor | None = None):
+    """Yield ``(b, cols, segments)`` per row: the real columns [n] and their text/visual segments.
+
+    A visual run is a maximal stretch of visual slots (of one image, when ``image_id`` [B, S] is given, so
+    two adjacent images are two runs). Segments are ``(start, end, key)`` over ``cols``; key -1 is text,
+    otherwise the image id (or 0 without ``image_id``).
+    """
+    for b in range(visual_mask.shape[0]):
+        cols = torch.nonzero(attention_mask[b] != 0).flatten()
+        vis = visual_mask[b, cols].bool()
+        if image_id is not None:
+            key = torch.where(vis, image_id[b, cols].long(), torch.full_like(cols, -1))
+        else:
+            key = vis.long() - 1  # 0 visual, -1 text
+        yield b, cols, _segments(key)
+
+
+def check_masks(visual_mask: torch.Tensor, attention_mask: torch.Tensor, image_id) -> None:
+    if visual_mask.dim() != 2 or attention_mask.shape != visual_mask.shape:
+        raise ValueError(
+            f"visual_mask and attention_mask must both be [B, S], got {tuple(visual_mask.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    if image_id is not None and image_id.shape != visual_mask.shape:
+        raise ValueError(f"image_id must be [B, S] like visual_mask, got {tuple(image_id.shape)}")
+
+
+class PositionTable:
+    """Per-row lookup integer position → scheme position, continuing at ``last + 1`` after the prompt.
+
+    Built from scheme positions ``rope`` [B, S] (float) and the ``attention_mask`` [B, S] they belong to:
+    the k-th real token of row b (integer position k) maps to ``rope[b, that slot]``; integer position
+    ``n_b - 1 + m`` (m ≥ 1, generated tokens) maps to ``last_b + m``. Padding slots carry integer position 0
+    and therefore the first real token's value; they are masked, so that value never matters.
+    """
+
+    def __init__(self, rope: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if rope.shape != attention_mask.shape or rope.dim() != 2:
+            raise ValueError(
+                f"rope positions {tuple(rope.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, S]"
+            )
+        B, S = rope.shape
+        real = attention_mask != 0
+        self.lengths = real.sum(dim=1)  # [B]
+        table = torch.zeros((B, max(S, 1)), dtype=torch.float64, device=rope.device)
+        for b in range(B):
+            n = int(self.lengths[b])
+            table[b, :n] = rope[b][real[b]].to(torch.float64)
+        self.table = table  # [B, S] compact, left-aligned
+        self.last = table.gather(1, (self.lengths - 1).clamp(min=0)[:, None])[:, 0]  # [B]
+
+    def lookup(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Integer ``position_ids`` [B', S'] → float32 scheme positions [B', S'].
+
+        B' may be a multiple of B (``generate`` repeats rows for beams / ``num_return_sequences`` with
+        ``repeat_interleave``); integer positions past row b's prompt continue at ``last_b + 1`` per step.
+        """
+        if position_ids.dim() != 2:
+            raise ValueError(f"position schemes expect [B, S] position_ids in the rotary embedding, got {tuple(position_ids.shape)}")
+        rows = position_ids.shape[0]
+        B = self.table.shape[0]
+        table, lengths, last = self.table, self.lengths, self.last
+        if rows != B:
+            if rows % B:
+                raise RuntimeError(
+                    f"the rotary embedding got {rows} rows of positions for a batch of {B}; the position scheme "
+                    "can only follow rows that generate() repeats (beams, num_return_sequences)"
+                )
+            k = rows // B
+            table, lengths, last = (t.repeat_interleave(k, dim=0) for t in (table, lengths, last))
+        table, lengths, last = (t.to(position_ids.device) for t in (table, lengths, last))
+        pos = position_ids.long()
+        inside = pos < lengths[:, None]
+        gathered = table.gather(1, pos.clamp(0, table.shape[1] - 1))
+        beyond = last[:, None] + (pos - lengths[:, None] + 1).to(torch.float64)
+        return torch.where(inside, gathered, beyond).to(torch.float32)
+
+
+@contextlib.contextmanager
+def remap_rotary(rotary: nn.Module, table: PositionTable) -> Iterator[None]:
+    """Within the ``with``, ``rotary(x, position_ids)`` computes cos/sin at ``table.lookup(position_ids)``.
+
+    The module's previous ``forward`` (bound method or an instance attribute set by someone else, e.g.
+    accelerate hooks) is called with the remapped positions and restored on exit. Float ``position_ids``
+    are passed through unchanged (they are already scheme positions).
+    """
+    had_own = "forward" in vars(rotary)
+    previous = vars(rotary).get("forward")
+    original = rotary.forward
+
+    def forward(x, position_ids=None, *args, **kwargs):
+        if position_ids is not None and not torch.is_floating_point(position_ids):
+            position_ids = table.lookup(position_ids)
+        return original(x, position_ids, *args, **kwargs)
+
+    rotary.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            rotary.forward = previous
+        else:
+            del rotary.forward
+
+
+class PositionStage(Stage):
+    """Base of the position schemes: subclasses implement ``rope_positions(batch)`` only.
+
+    ``position_ids(batch)`` returns plain integer positions [B, L] (so masks, packed-sequence detection and
+    ``generate`` see ordinary ids) and ``language_context`` makes the rotary embedding use
+    ``rope_positions(batch)`` for them (see the module docstring for why). The integer positions are
+    explicit, not None: ``forward`` then numbers a left-padded row from its first real token, as
+    ``generate`` does (HF's own ``forward`` would number columns), so a padded batch equals each sample
+    alone. ``VLMWrapper`` passes the batch's attention mask to every call; with integer positions even the
+    all-ones mask ``generate`` drops cannot trigger packed-sequence detection.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.family: "Family | None" = None
+
+    def attach(self, family: "Family") -> None:
+        rotary_embedding(family)  # ValueError at wrap() time for decoders without a remappable RoPE
+        self.family = family  # a plain object (not a module): the wrapped model's adapter
+
+    def detach(self, family: "Family") -> None:
+        self.family = None
+
+    def rope_positions(self, batch: "AssembledBatch", training: bool | None = None) -> torch.Tensor:
+        """[B, L] float positions the rotary embedding uses for ``batch`` (override).
+
+        ``training`` selects a scheme's training behaviour, if it has one; None means ``self.is_training()``.
+        """
+        raise NotImplementedError
+
+    def is_training(self) -> bool:
+        """Training behaviour only when this stage *and* the wrapped model are in training mode.
+
+        ``VLMWrapper`` starts in ``nn.Module``'s default training mode even around a model in eval mode;
+        requiring both keeps ``wrap(model.eval())`` deterministic and follows ``wrapper.train()/.eval()``.
+        """
+        return bool(self.training and (self.family is None or self.family.model.training))
+
+    def position_ids(self, batch: "AssembledBatch") -> torch.LongTensor:
+        return integer_positions(batch.attention_mask)
+
+    @contextlib.contextmanager
+    def language_context(self, family: "Family", batch: "AssembledBatch") -> Iterator[None]:
+        table = PositionTable(self.rope_positions(batch), batch.attention_mask)
+        with remap_rotary(rotary_embedding(family), table):
+            yield
