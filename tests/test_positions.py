@@ -474,8 +474,8 @@ def test_v2pe_training_mode_draws_a_stride_per_image():
     wrapped = vlmkit.wrap(model, vlmkit.V2PEConfig(stride=4))
     stage = wrapped.stages[0]
     assembled = wrapped.assemble(**batch)
-    # a fresh wrapper is in nn.Module's training mode, the wrapped model in eval: eval behaviour
-    assert stage.training and not stage.is_training()
+    # the wrapper follows the wrapped model's mode (eval here): eval behaviour
+    assert not wrapped.training and not stage.training and not stage.is_training()
     try:
         wrapped.train()  # the wrapper's train() reaches the model too
         assert stage.is_training()
