@@ -24,12 +24,13 @@ _SPLIT = re.compile(r"<[^<>\s]+>|\w+|[^\w\s]|\n")
 def tokenizer_words() -> list[str]:
     """Every ordinary word of the tiny vocabulary: ``BASE_WORDS``, the shapes benchmark words and digits."""
     words = set(BASE_WORDS) | {str(d) for d in range(65)}  # run lengths of R-RLE rows up to 64 cells
-    try:
-        from .data.shapes import VOCAB_WORDS
+    from .data.shapes import VOCAB_WORDS
+    from .seg.refseg_data import ANSWER_PARTIAL, QUESTION_PARTIAL
 
-        words |= set(VOCAB_WORDS)
-    except ImportError:  # the shapes module is optional for the tokenizer
-        pass
+    words |= set(VOCAB_WORDS)
+    # Text4Seg answers: the reference templates, the background label, run syntax and <seg> tags.
+    templates = " ".join(QUESTION_PARTIAL + ANSWER_PARTIAL).replace("[class_name]", " ")
+    words |= {w.lower() for w in _SPLIT.findall(templates)} | {"others", "*", "|", "<seg>", "</seg>"}
     return sorted(words)
 
 

@@ -185,6 +185,17 @@ class VLMWrapper(nn.Module):
         out.sequences = torch.cat([prompt, out.sequences], dim=1)
         return out
 
+    def masks_from_text(self, texts: list[str], image_sizes=None, images=None) -> list:
+        """Turn generated answers into masks with the wrapper's text-parsing head (e.g. Text4Seg).
+
+        ``image_sizes`` are (H, W) per answer (or taken from ``images``); returns the head's results.
+        """
+        heads = [s for s in self.stages_of("head") if hasattr(s, "masks_from_text")]
+        if len(heads) != 1:
+            raise ValueError(f"masks_from_text needs exactly one text-parsing head stage, found {len(heads)}; "
+                             "wrap the model with e.g. vlmkit.Text4SegConfig()")
+        return heads[0].masks_from_text(texts, image_sizes=image_sizes, images=images)
+
     # --- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, save_base_model: bool = False) -> None:
         """Write ``vlmkit.json`` (stage configs) and the stages' weights (safetensors) to ``path``.
