@@ -313,3 +313,12 @@ def test_wrapper_follows_model_mode_and_num_return_sequences(tiny):
     assert not wrapped.training and not model.training
     kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     assert torch.equal(wrapped.generate(**batch, **kw), model.generate(**batch, **kw))
+
+
+def test_wrap_stays_a_function_whatever_is_imported_first():
+    import subprocess
+    import sys
+
+    code = "import vlmkit; vlmkit.load; import vlmkit.wrapper; print(callable(vlmkit.wrap) and vlmkit.wrap.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "wrap"

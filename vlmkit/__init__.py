@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "wrap": "vlmkit.wrap",
-    "load": "vlmkit.wrap",
-    "unwrap": "vlmkit.wrap",
-    "VLMWrapper": "vlmkit.wrap",
+    "wrap": "vlmkit.wrapper",
+    "load": "vlmkit.wrapper",
+    "unwrap": "vlmkit.wrapper",
+    "VLMWrapper": "vlmkit.wrapper",
     "VisualTokens": "vlmkit.tokens",
     "StageConfig": "vlmkit.config",
     "Stage": "vlmkit.stage",

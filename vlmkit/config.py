@@ -132,19 +132,27 @@ def _literal(text: str) -> Any:
     return text
 
 
-def parse_stage_spec(spec: str) -> StageConfig:
+def parse_stage_spec(spec: str, role: str | None = None) -> StageConfig:
     """Build a config from a command-line spec: ``TYPE[:VALUE,...][,FIELD=VALUE,...]``.
 
-    Positional values fill the config's fields in order: ``"fopru:0.25"`` is
-    ``FoPruConfig(keep_ratio=0.25)``, ``"fopru:0.25,strategy=row"`` adds ``strategy="row"``,
-    ``"v2pe:64"`` is ``V2PEConfig(stride=64)``.
+    Positional values fill the config's fields in order: ``"v2pe:64"`` is ``V2PEConfig(stride=64)``,
+    ``"fopru:0.25,strategy=row"`` is ``FoPruConfig(keep_ratio=0.25, strategy="row")``. For pruning
+    configs (fields ``keep_ratio`` and ``num_keep``) a lone value is a ratio when it is a float and a
+    token count when it is an integer: ``"fopru:0.25"`` keeps a quarter, ``"fopru:64"`` keeps 64.
+    ``role`` ("compressor", "position", …), when given, must be the config's role.
     """
-    type_name, _, rest = spec.partition(":")
+    type_name, _, rest = spec.strip().partition(":")
     cls = config_class(type_name.strip())
+    if role is not None and cls.role != role:
+        raise ValueError(f"stage {type_name!r} is a {cls.role!r} stage, not a {role!r} stage (spec {spec!r})")
     names = [f.name for f in dataclasses.fields(cls)]
+    parts = [p for p in rest.split(",") if p.strip()]
+    if len(parts) == 1 and "=" not in parts[0] and {"keep_ratio", "num_keep"} <= set(names):
+        value = _literal(parts[0].strip())
+        return cls(**{"num_keep" if isinstance(value, int) else "keep_ratio": value})
     kwargs: dict[str, Any] = {}
     named = False
-    for i, part in enumerate(p for p in rest.split(",") if p.strip()):
+    for i, part in enumerate(parts):
         key, eq, value = part.partition("=")
         if eq:
             named = True

@@ -1,0 +1,133 @@
+"""lmms-eval bridge (optional): run lmms-eval's own tasks on a vlmkit-wrapped model.
+
+``VlmkitLMM`` is an lmms-eval *simple* model registered as ``"vlmkit"`` (lmms-eval's
+``@register_model``); it exists only when ``lmms_eval`` is installed. The batching logic lives in
+``VlmkitGenerator``, which needs nothing from lmms-eval, so it is usable (and tested) without it::
+
+    # python -m lmms_eval needs the plug-in imported; programmatic use:
+    import lmms_eval
+    from vlmkit.evaluation.lmms_bridge import VlmkitLMM
+    lm = VlmkitLMM(pretrained="/ckpt/llava-1.5-7b-hf", compress="fopru:0.25", batch_size=8)
+    lmms_eval.simple_evaluate(model=lm, tasks=["vqav2_val", "pope"])
+
+Requests are answered in the simple-model protocol: ``Instance.args = (context, gen_kwargs,
+doc_to_visual, doc_id, task, split)``; images come from ``doc_to_visual(self.task_dict[task][split][doc_id])``.
+Requests with equal ``gen_kwargs`` are generated together in left-padded batches; ``until`` cuts the text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+__all__ = ["VlmkitGenerator", "VlmkitLMM", "lmms_eval_available"]
+
+
+def lmms_eval_available() -> bool:
+    """True when the ``lmms_eval`` package can be imported."""
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VlmkitGenerator:
+    """lmms-eval-free core: load/wrap a model once, answer ``(context, images, gen_kwargs)`` requests.
+
+    ``pretrained``: a ``vlmkit.evaluation.runner.load_model`` spec (path, ``tiny:<family>``) or an
+    object with ``processor=``; ``compress`` / ``position``: stage specs (``"fopru:0.25"``, ``"v2pe:64"``).
+    """
+
+    def __init__(self, pretrained: Any, processor: Any = None, compress: str | Sequence[str] | None = None,
+                 position: str | None = None, batch_size: int | str = 1, device: str | None = None,
+                 dtype: str | None = None, prompt_style: str = "auto", max_new_tokens: int = 128) -> None:
+        from .runner import load_model
+
+        if isinstance(compress, str):
+            compress = [c for c in compress.split("+") if c]  # model_args are comma-separated: join with +
+        self.loaded = load_model(pretrained, processor, compress or (), position, device, dtype)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.prompt_style = prompt_style
+        self.max_new_tokens = int(max_new_tokens)
+
+    def _text(self, context: str, n_images: int) -> str:
+        """The model text for one request: lmms-eval ``<image>`` markers are dropped and the images go
+        before the text (as lmms-eval's ``llava_hf`` does), in the processor's prompt style."""
+        from .runner import build_input_text
+
+        return build_input_text(self.loaded.processor, context.replace("<image>", "").strip(), self.prompt_style,
+                                n_images)
+
+    def generate(self, items: Sequence[tuple[str, Sequence[Any], dict[str, Any]]]) -> list[str]:
+        """Answer ``(context, images, gen_kwargs)`` items, batching equal ``gen_kwargs``; outputs in input order."""
+        from .runner import generate_batch
+
+        groups: dict[str, list[int]] = {}
+        for i, (_, _, gen) in enumerate(items):
+            groups.setdefault(json.dumps(gen or {}, sort_keys=True, default=str), []).append(i)
+        out: list[str | None] = [None] * len(items)
+        for key, idx in groups.items():
+            gen = dict(json.loads(key))
+            gen.setdefault("max_new_tokens", self.max_new_tokens)
+            gen = {k: v for k, v in gen.items() if k in ("max_new_tokens", "until", "do_sample", "temperature",
+                                                         "top_p", "num_beams", "min_new_tokens", "repetition_penalty")}
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                images = [[im.convert("RGB") if hasattr(im, "convert") else im for im in items[i][1]] for i in chunk]
+                texts = [self._text(items[i][0], len(images[k])) for k, i in enumerate(chunk)]
+                for i, res in zip(chunk, generate_batch(self.loaded, images, texts, gen)):
+                    out[i] = res["output"]
+        return [o or "" for o in out]
+
+    def generate_until(self, requests: Sequence[Any], task_dict: dict[str, Any]) -> list[str]:
+        """lmms-eval simple-model ``generate_until``: ``req.args = (ctx, gen_kwargs, doc_to_visual, doc_id, task, split)``."""
+        items = []
+        for req in requests:
+            ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            visuals = doc_to_visual(task_dict[task][split][doc_id])
+            visuals = [v for v in (visuals or []) if v is not None]
+            items.append((ctx, visuals, dict(gen_kwargs or {})))
+        return self.generate(items)
+
+
+def _make_lmms_class():
+    from lmms_eval.api.model import lmms
+    from lmms_eval.api.registry import register_model
+
+    @register_model("vlmkit")
+    class VlmkitLMM(lmms):
+        """lmms-eval model ``vlmkit``: ``--model vlmkit --model_args pretrained=PATH,compress=fopru:0.25``."""
+
+        is_simple = True
+
+        def __init__(self, pretrained: str, batch_size: int | str = 1, compress: str | None = None,
+                     position: str | None = None, device: str | None = None, dtype: str | None = None,
+                     prompt_style: str = "auto", **kwargs) -> None:
+            super().__init__()
+            self.core = VlmkitGenerator(pretrained, compress=compress, position=position, batch_size=batch_size,
+                                        device=device, dtype=dtype, prompt_style=prompt_style)
+            self.batch_size_per_gpu = self.core.batch_size
+
+        def generate_until(self, requests) -> list[str]:
+            return self.core.generate_until(requests, self.task_dict)
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError("vlmkit's lmms-eval model answers generate_until tasks only")
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError("vlmkit's lmms-eval model answers generate_until tasks only")
+
+    return VlmkitLMM
+
+
+def __getattr__(name: str):
+    if name == "VlmkitLMM":
+        if not lmms_eval_available():
+            raise ImportError("VlmkitLMM needs lmms-eval (pip install lmms-eval); VlmkitGenerator works without it")
+        cls = _make_lmms_class()
+        globals()["VlmkitLMM"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
