@@ -1,0 +1,291 @@
+"""Supervised fine-tuning data: LLaVA conversation JSON and ShareGPT ``messages``, assistant-only labels.
+
+Accepted records (a JSON list, or JSON Lines):
+
+- LLaVA: ``{"id", "image": "x.png" | [...], "conversations": [{"from": "human"|"gpt"|"system", "value"}]}``
+- ShareGPT / messages: ``{"messages": [{"role": "user"|"assistant"|"system", "content"}], "images": [...]}``
+
+Each ``<image>`` marker in the text is one image; their number must equal the number of images
+(LLaMA-Factory's rule). The marker is replaced by the processor's image token and the processor expands
+it (LLaVA: ``<image>`` × tokens per image; InternVL: ``<img><IMG_CONTEXT>…</img>``). Labels are -100
+everywhere except the assistant answers (and the end-of-turn token after each), so visual tokens, the
+prompt and padding never count in the loss (LLaVA ``preprocess_v1``, LLaMA-Factory ``train_on_prompt: false``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+IMAGE_MARKER = "<image>"
+IGNORE_INDEX = -100
+ROLE_ALIASES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+    "model": "assistant", "system": "system",
+}
+TEMPLATES = ("auto", "plain", "chat")
+
+
+@dataclasses.dataclass
+class Conversation:
+    """One training record: ``messages`` (role, content) with ``<image>`` markers and resolved image paths."""
+
+    id: str
+    messages: list[dict[str, str]]
+    images: list[str]
+
+
+def _record_name(record: Any, index: int, source: str) -> str:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{source} record {index}" + (f" (id {rid!r})" if rid is not None else "")
+
+
+def _read_records(path: Path) -> list[Any]:
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: neither a JSON list nor JSON Lines: {e}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of records, got {type(data).__name__}")
+    return data
+
+
+def _resolve_image(name: str, where: str, json_dir: Path, image_folder: Path | None) -> str:
+    p = Path(name)
+    if p.is_absolute():
+        candidates = [p]
+    elif image_folder is not None:
+        candidates = [image_folder / p]
+    else:
+        candidates = [json_dir / p, json_dir / "images" / p]
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise FileNotFoundError(f"{where}: image {name!r} not found (tried {[str(c) for c in candidates]}); "
+                            "pass --image-folder")
+
+
+def normalize_record(
+    record: Any, index: int, source: str = "<data>", json_dir: Path | None = None, image_folder: Path | None = None,
+    check_files: bool = True,
+) -> Conversation:
+    """Validate one LLaVA or ShareGPT record and return it as a ``Conversation``."""
+    where = _record_name(record, index, source)
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+    if ("conversations" in record) == ("messages" in record):
+        raise ValueError(f"{where}: needs exactly one of 'conversations' (LLaVA) or 'messages' (ShareGPT); keys: {sorted(record)}")
+    if "image" in record and "images" in record:
+        raise ValueError(f"{where}: has both 'image' and 'images'")
+    turns = record.get("conversations", record.get("messages"))
+    role_key, text_key = ("from", "value") if "conversations" in record else ("role", "content")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: the conversation must be a non-empty list")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise ValueError(f"{where}: turn {k} must have {role_key!r} and {text_key!r}, got {turn!r}")
+        role = ROLE_ALIASES.get(str(turn[role_key]).lower())
+        if role is None:
+            raise ValueError(f"{where}: turn {k} has {role_key}={turn[role_key]!r}; accepted: {sorted(ROLE_ALIASES)}")
+        if not isinstance(turn[text_key], str):
+            raise ValueError(f"{where}: turn {k} {text_key} must be a string, got {type(turn[text_key]).__name__}")
+        if role == "assistant" and IMAGE_MARKER in turn[text_key]:
+            raise ValueError(f"{where}: turn {k}: {IMAGE_MARKER} markers are only accepted in user/system turns")
+        messages.append({"role": role, "content": turn[text_key]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant turn, so nothing to train on")
+    images = record.get("images", record.get("image", []))
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ValueError(f"{where}: images must be a path or a list of paths, got {images!r}")
+    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    if markers != len(images):
+        raise ValueError(f"{where}: {markers} {IMAGE_MARKER} marker(s) in the text but {len(images)} image(s); "
+                         "they must be equal")
+    if check_files:
+        json_dir = json_dir or Path(".")
+        images = [_resolve_image(i, where, json_dir, image_folder) for i in images]
+    rid = str(record.get("id", index))
+    return Conversation(rid, messages, images)
+
+
+def load_conversations(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[Conversation]:
+    """Read and validate every record of a LLaVA / ShareGPT JSON (or JSONL) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file {os.fspath(path)!r}")
+    records = _read_records(path)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    folder = Path(image_folder) if image_folder is not None else None
+    return [normalize_record(r, i, str(path), path.parent, folder) for i, r in enumerate(records)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------------
+
+
+def _image_token(processor) -> str:
+    token = getattr(processor, "image_token", None)
+    if not token:
+        raise ValueError(f"{type(processor).__name__} has no image_token; cannot place images in the text")
+    return token
+
+
+def _segments_plain(messages: list[dict[str, str]], eos: str | None) -> list[tuple[str, bool]]:
+    """``role : content`` turns; the assistant's answer (+ eos) is the trained part. Matches
+    ``vlmkit.testing.image_prompt`` (``user : … assistant :``)."""
+    out: list[tuple[str, bool]] = []
+    for k, m in enumerate(messages):
+        sep = " " if k else ""
+        if m["role"] == "assistant":
+            out.append((f"{sep}assistant : ", False))
+            out.append((m["content"] + (f" {eos}" if eos else ""), True))
+        else:
+            out.append((f"{sep}{m['role']} : {m['content']} ", False))
+    return out
+
+
+def _segments_chat(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
+    """Split the chat-template rendering into prompt / answer parts by rendering growing prefixes."""
+    out: list[tuple[str, bool]] = []
+    done = ""
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError("the chat template does not render conversations prefix by prefix; use --template plain")
+        out.append((prompt[len(done):], False))
+        out.append((full[len(prompt):], True))
+        done = full
+    return out
+
+
+def encode_conversation(
+    conv: Conversation, processor, template: str = "auto", max_length: int | None = None, load_image=None
+) -> dict[str, Any]:
+    """Tokenize one conversation: ``input_ids`` [S], ``labels`` [S] (-100 off the answers),
+    ``pixel_values`` [n_img(·tiles), C, H, W] or None, plus any other image tensors the processor returns.
+
+    Text segments are tokenized one by one (the LLaMA-Factory way) so the answer spans are exact; a
+    segment that holds images goes through the processor, which expands the image token.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; accepted: {list(TEMPLATES)}")
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    image_token = _image_token(processor)
+    messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARKER, image_token)} for m in conv.messages]
+    if template == "chat":
+        segments = _segments_chat(messages, tokenizer)
+        prefix_ids: list[int] = []  # the template writes its own BOS
+    else:
+        segments = _segments_plain(messages, tokenizer.eos_token)
+        prefix_ids = list(tokenizer("", add_special_tokens=True)["input_ids"])  # BOS for tokenizers that add one
+    load_image = load_image or _load_rgb
+    images = list(conv.images)
+    ids: list[int] = list(prefix_ids)
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    image_tensors: dict[str, list[torch.Tensor]] = {}
+    for text, trained in segments:
+        if not text:
+            continue
+        n = text.count(image_token)
+        if n:
+            seg_images = [load_image(p) for p in images[:n]]
+            images = images[n:]
+            enc = processor(text=text, images=seg_images, add_special_tokens=False, return_tensors="pt")
+            seg_ids = enc["input_ids"][0].tolist()
+            for key, value in enc.items():
+                if key not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor):
+                    image_tensors.setdefault(key, []).append(value)
+        else:
+            seg_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += seg_ids
+        labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
+    if images:
+        raise ValueError(f"record {conv.id!r}: {len(images)} image(s) left over after placing the markers")
+    if max_length is not None and len(ids) > max_length:
+        image_id = tokenizer.convert_tokens_to_ids(image_token)
+        if image_id in ids[max_length:]:
+            raise ValueError(f"record {conv.id!r}: {len(ids)} tokens; truncating to max_length={max_length} would cut image tokens")
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"record {conv.id!r}: no answer token left to train on (max_length={max_length})")
+    out: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    for key, values in image_tensors.items():
+        out[key] = torch.cat(values, dim=0)
+    out.setdefault("pixel_values", None)
+    return out
+
+
+def _load_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class SupervisedDataset:
+    """Conversations encoded on access: ``dataset[i]`` → ``encode_conversation(...)`` of record i."""
+
+    def __init__(self, conversations: Sequence[Conversation], processor, template: str = "auto",
+                 max_length: int | None = None) -> None:
+        self.conversations = list(conversations)
+        self.processor = processor
+        self.template = template
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return encode_conversation(self.conversations[i], self.processor, self.template, self.max_length)
+
+
+def collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded records: ``input_ids`` / ``labels`` / ``attention_mask`` [B, S_max];
+    image tensors of all records concatenated along dim 0 in record order (absent when none has images)."""
+    if not features:
+        raise ValueError("collate needs at least one record")
+    length = max(len(f["input_ids"]) for f in features)
+    B = len(features)
+    input_ids = torch.full((B, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, length), dtype=torch.long)
+    for b, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[b, :n] = f["input_ids"]
+        labels[b, :n] = f["labels"]
+        attention_mask[b, :n] = 1
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    keys = sorted({k for f in features for k, v in f.items() if isinstance(v, torch.Tensor)} - set(batch))
+    for key in keys:
+        parts = [f[key] for f in features if isinstance(f.get(key), torch.Tensor)]
+        batch[key] = torch.cat(parts, dim=0)
+    return batch
+
+
+def pad_token_id(processor) -> int:
+    """The tokenizer's pad id (falls back to eos, then 0)."""
+    tok = getattr(processor, "tokenizer", processor)
+    for value in (tok.pad_token_id, tok.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0

@@ -1,0 +1,287 @@
+"""The embedded default model: a tiny LLaVA (real ``transformers`` classes, local tokenizer) trained on
+the shapes benchmark to answer its questions and to emit Text4Seg descriptors for referring expressions.
+
+Choices (see the model card written next to the weights):
+- 64×64 images, CLIP patch 8 → an 8×8 grid of 64 visual tokens; vision 128-d × 4 layers, decoder
+  256-d × 4 layers (about 4 M parameters).
+- ``vision_feature_layer=-1``: with LLaVA's default −2 the last vision layer would never train.
+- An auxiliary per-patch classification loss (background or colour×shape of the object covering the
+  patch centre, from the exact masks) on the vision features, and a vision-only warm-up on it: without
+  it training sits at chance for many minutes (the feasibility run in issue 7).
+- Several question–answer turns per image in one sequence (loss on answers only) and a short curriculum
+  (at most 2 shapes first).
+- Text4Seg answers at the reference 16×16 grid with the reference templates; the label of foreground
+  cells is the referring expression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.shapes import COLORS, SHAPES, ShapesSample, generate, generate_one
+
+GRID = 16
+PROMPT = "user : {image} {question} assistant :"
+TURN_SEP = "</s>"
+
+
+@dataclasses.dataclass
+class TinyArch:
+    image_size: int = 64
+    patch: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+
+
+def class_names() -> list[str]:
+    """Per-patch classes of the auxiliary loss: background, then every colour×shape."""
+    return ["background"] + [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+
+def build_model(arch: TinyArch = TinyArch(), seed: int = 0):
+    """A fresh tiny ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` with the closed vocabulary."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from ..testing import build_tokenizer
+
+    tok = build_tokenizer(image_token="<image>")
+    vision = CLIPVisionConfig(hidden_size=arch.vision_hidden, intermediate_size=4 * arch.vision_hidden,
+                              num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
+                              image_size=arch.image_size, patch_size=arch.patch, projection_dim=arch.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=arch.text_hidden, intermediate_size=int(2.75 * arch.text_hidden),
+                       num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+                       num_key_value_heads=arch.text_heads, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    image_processor = CLIPImageProcessor(size={"shortest_edge": arch.image_size},
+                                         crop_size={"height": arch.image_size, "width": arch.image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=arch.patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor
+
+
+# --- data ---------------------------------------------------------------------------------------------
+def patch_labels(sample: ShapesSample, patch: int) -> torch.Tensor:
+    """[h·w] class of each patch: the object covering the patch centre, else background (0)."""
+    size = sample.image.size[0]
+    centres = np.arange(patch // 2, size, patch)
+    names = class_names()
+    out = np.zeros((len(centres), len(centres)), dtype=np.int64)
+    for obj in sample.objects:  # painted back to front; masks are the visible pixels
+        hit = obj.mask[np.ix_(centres, centres)]
+        out[hit] = names.index(f"{obj.color} {obj.shape}")
+    return torch.from_numpy(out.reshape(-1))
+
+
+def refseg_turn(sample: ShapesSample, rng: np.random.Generator, grid: int = GRID) -> tuple[str, str, int]:
+    """(question, answer, object index) of one random referring expression, answer in Text4Seg R-RLE."""
+    from ..seg.refseg_data import ANSWER_PARTIAL, QUESTION_PARTIAL
+    from ..seg.text4seg import encode_rrle, mask_to_labels, wrap_answer
+
+    ref = sample.refs[int(rng.integers(len(sample.refs)))]
+    expr = ref["sentence"]
+    obj = sample.objects[ref["object_index"]]
+    question = QUESTION_PARTIAL[int(rng.integers(len(QUESTION_PARTIAL)))].replace("[class_name]", expr)
+    sentence = ANSWER_PARTIAL[int(rng.integers(len(ANSWER_PARTIAL)))].replace("[class_name]", expr)
+    labels = mask_to_labels(obj.mask, expr, grid, grid)
+    return question, wrap_answer(sentence, encode_rrle(labels)), ref["object_index"]
+
+
+def conversation(sample: ShapesSample, rng: np.random.Generator, refseg_prob: float) -> list[tuple[str, str]]:
+    """The (question, answer) turns trained on one image: its VQA questions, maybe one refseg turn last."""
+    turns = [(q["question"], q["answer"]) for q in sample.questions]
+    rng.shuffle(turns)
+    if sample.refs and rng.random() < refseg_prob:
+        q, a, _ = refseg_turn(sample, rng)
+        turns.append((q, a))
+    return turns
+
+
+def encode_sequence(turns: list[tuple[str, str]], tokenizer, image_token_id: int, n_image_tokens: int):
+    """input_ids [S] and labels [S] (answers + their end token only) for one image's conversation."""
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str, learn: bool) -> None:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        labels.extend(piece if learn else [-100] * len(piece))
+
+    for k, (question, answer) in enumerate(turns):
+        if k == 0:
+            before, after = PROMPT.split("{image}")
+            add(before, False)
+            ids.extend([image_token_id] * n_image_tokens)
+            labels.extend([-100] * n_image_tokens)
+            add(after.format(question=question), False)
+        else:
+            add(f"user : {question} assistant :", False)
+        add(f"{answer} {TURN_SEP}", True)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def make_batch(samples: list[ShapesSample], processor, rng, refseg_prob: float, patch: int):
+    """Right-padded training batch: input_ids, attention_mask, labels [B, S]; pixel_values; patch_labels."""
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    n_img = (samples[0].image.size[0] // patch) ** 2
+    seqs = [encode_sequence(conversation(s, rng, refseg_prob), tok, image_id, n_img) for s in samples]
+    L = max(len(i) for i, _ in seqs)
+    input_ids = torch.full((len(seqs), L), tok.pad_token_id)
+    labels = torch.full((len(seqs), L), -100)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, (i, lab) in enumerate(seqs):
+        input_ids[b, : len(i)], labels[b, : len(i)], mask[b, : len(i)] = i, lab, 1
+    pixel_values = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values,
+            "patch_labels": torch.stack([patch_labels(s, patch) for s in samples])}
+
+
+# --- training -----------------------------------------------------------------------------------------
+class AuxHead(nn.Module):
+    """Per-patch classifier on the vision features the projector sees (training only; not shipped)."""
+
+    def __init__(self, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden, classes)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, N, H] -> [B, N, C]
+        return self.proj(feats)
+
+
+def losses(model, aux: AuxHead, batch, vision_only: bool = False) -> dict[str, torch.Tensor]:
+    """Language-model loss on answers and the auxiliary per-patch loss, from one vision pass."""
+    out = model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-1,
+                                         vision_feature_select_strategy="default")
+    patch_feats = out.hidden_states[-1][:, 1:]
+    aux_loss = F.cross_entropy(aux(patch_feats).flatten(0, 1), batch["patch_labels"].flatten())
+    if vision_only:
+        return {"aux": aux_loss}
+    feats = torch.stack(list(out.pooler_output))  # [B, N, D]
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    is_img = batch["input_ids"] == model.config.image_token_id
+    embeds = embeds.masked_scatter(is_img[..., None], feats.to(embeds.dtype))
+    lm = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return {"lm": lm.loss, "aux": aux_loss}
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch_size: int = 16, lr: float = 1e-3,
+          seed: int = 0, curriculum_steps: int = 400, refseg_prob: float = 0.5, aux_weight: float = 0.5,
+          eval_every: int = 0, quiet: bool = False, arch: TinyArch = TinyArch()) -> dict:
+    """Train from scratch and save the model, processor and a training log to ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model, processor = build_model(arch, seed)
+    aux = AuxHead(arch.vision_hidden, len(class_names()))
+    model.train()
+    params = list(model.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    log, start, image_id = [], time.time(), 10_000_000  # training images never collide with eval ids
+    total = vision_steps + steps
+    for step in tqdm(range(total), disable=quiet, desc="train tiny shapes model"):
+        vision_only = step < vision_steps
+        max_shapes = 2 if step < vision_steps + curriculum_steps else 4
+        samples = [generate_one(np.random.default_rng([seed, image_id + i]), image_id + i, size=arch.image_size,
+                                max_shapes=max_shapes) for i in range(batch_size)]
+        image_id += batch_size
+        batch = make_batch(samples, processor, rng, refseg_prob, arch.patch)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step if vision_only else step - vision_steps, vision_steps if vision_only else steps,
+                              lr, 50)
+        parts = losses(model, aux, batch, vision_only)
+        loss = parts.get("lm", 0.0) + aux_weight * parts["aux"] if not vision_only else parts["aux"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == total - 1:
+            row = {"step": step, "minutes": (time.time() - start) / 60, **{k: float(v) for k, v in parts.items()}}
+            log.append(row)
+            if not quiet:
+                tqdm.write(json.dumps(row))
+        if eval_every and step >= vision_steps and (step - vision_steps + 1) % eval_every == 0:
+            model.eval()
+            tqdm.write(json.dumps(evaluate(model, processor, n=64, seed=1, quiet=True)))
+            model.train()
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    minutes = (time.time() - start) / 60
+    (out_dir / "training_log.json").write_text(json.dumps({"minutes": minutes, "log": log}, indent=1))
+    return {"minutes": minutes, "steps": total}
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def answer(model, processor, images, questions, max_new_tokens: int) -> list[str]:
+    """Greedy answers (text up to the end token) for a batch of single-image questions."""
+    import vlmkit
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    prompts = [PROMPT.format(image=processor.image_token, question=q) for q in questions]
+    batch = processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True)
+    out = vlmkit.wrap(model).generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(model, processor, n: int = 200, seed: int = 1, batch_size: int = 32, quiet: bool = False) -> dict:
+    """Held-out accuracy per question type and referring cIoU/gIoU on ``n`` fresh shapes images."""
+    from tqdm.auto import tqdm
+
+    from ..evaluation.metrics import refer_seg_scores
+    from ..seg.text4seg import decode_answer, grid_to_mask
+
+    samples = generate(n, seed=seed, size=model.config.vision_config.image_size)
+    rng = np.random.default_rng(seed)
+    qa = [(s, q) for s in samples for q in s.questions]
+    correct: dict[str, list[float]] = {}
+    for i in tqdm(range(0, len(qa), batch_size), disable=quiet, desc="shapes VQA"):
+        chunk = qa[i : i + batch_size]
+        outs = answer(model, processor, [s.image for s, _ in chunk], [q["question"] for _, q in chunk], 3)
+        for (_, q), out in zip(chunk, outs):
+            pred = out.strip().split(" ")[0] if out.strip() else ""
+            correct.setdefault(q["type"], []).append(float(pred == q["answer"]))
+    refs = [(s, *refseg_turn(s, rng)) for s in samples if s.refs]
+    preds, targets = [], []
+    for i in tqdm(range(0, len(refs), batch_size), disable=quiet, desc="shapes refseg"):
+        chunk = refs[i : i + batch_size]
+        outs = answer(model, processor, [r[0].image for r in chunk], [r[1] for r in chunk], 200)
+        for (s, _, _, obj_index), out in zip(chunk, outs):
+            grid = decode_answer(out, GRID, GRID)
+            preds.append(grid_to_mask(grid, s.objects[obj_index].mask.shape))
+            targets.append(s.objects[obj_index].mask)
+    per_type = {k: float(np.mean(v)) for k, v in sorted(correct.items())}
+    return {"vqa_accuracy": float(np.mean([x for v in correct.values() for x in v])), "per_type": per_type,
+            "n_questions": len(qa), "n_refs": len(refs), **refer_seg_scores(preds, targets)}
