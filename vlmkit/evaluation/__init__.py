@@ -4,7 +4,8 @@ Import the submodules directly, e.g. ``from vlmkit.evaluation.metrics import vqa
 does no work at import time.
 """
 
-# Lazy exports (no import-time work): ``from vlmkit.evaluation import evaluate``.
+from .._lazy import lazy_exports
+
 _LAZY = {
     "evaluate": "vlmkit.evaluation.runner",
     "load_task": "vlmkit.evaluation.tasks",
@@ -12,12 +13,4 @@ _LAZY = {
     "list_tasks": "vlmkit.evaluation.tasks",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vlmkit.evaluation' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
