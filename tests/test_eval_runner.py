@@ -17,16 +17,6 @@ TASKS = "shapes_vqa,shapes_refseg"
 TIMING = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "throughput")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):

@@ -15,14 +15,6 @@ from vlmkit.seg.sam import load_sam, make_predictor, mask_prior, refine_with_sam
 from vlmkit.seg.text4seg import Text4Seg, Text4SegConfig, encode_rrle, grid_to_mask, wrap_answer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def sam():

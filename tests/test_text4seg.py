@@ -24,16 +24,6 @@ from vlmkit.seg.text4seg import (
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def blob_grid(h=16, w=16, label="dog", rows=(4,), cols=(5, 12)):
     g = np.full((h, w), BACKGROUND, dtype=object)
