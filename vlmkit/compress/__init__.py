@@ -1,0 +1,86 @@
+"""Visual-token compressors: FoPru (``fopru``), PVC (``pvc``) and the baselines ``random`` and ``divprune``.
+
+Each method lives in its own module and is reached through the stage registry (``vlmkit.config``), so
+importing this package does no work beyond defining the shared budget rules below.
+
+Budget (``keep_ratio`` / ``num_keep``), shared by every pruning stage:
+  exactly one of the two is set; ``keep_ratio`` ∈ (0, 1] keeps ``max(1, floor(N · keep_ratio))`` of the
+  N uncompressed tokens of *each image* (all its tiles together); ``num_keep`` keeps exactly that many
+  per image and must not exceed the tokens of one tile (checked at ``wrap()`` time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+from ..config import StageConfig
+from ..stage import Stage
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..families.base import Family
+    from ..tokens import VisualTokens
+
+
+@dataclasses.dataclass
+class PruneConfig(StageConfig):
+    """Base config of a pruning compressor: how many visual tokens each image keeps."""
+
+    role = "compressor"
+    keep_ratio: float | None = None
+    num_keep: int | None = None
+
+    def validate(self) -> None:
+        if (self.keep_ratio is None) == (self.num_keep is None):
+            raise ValueError(
+                f"{type(self).__name__}: set exactly one of keep_ratio / num_keep "
+                f"(got keep_ratio={self.keep_ratio!r}, num_keep={self.num_keep!r})"
+            )
+        if self.keep_ratio is not None:
+            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+                raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
+            if not 0.0 < float(self.keep_ratio) <= 1.0:
+                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.num_keep is not None:
+            if isinstance(self.num_keep, bool) or not isinstance(self.num_keep, int) or self.num_keep < 1:
+                raise ValueError(f"num_keep must be an int >= 1, got {self.num_keep!r}")
+
+    def num_to_keep(self, num_tokens: int) -> int:
+        """How many of ``num_tokens`` uncompressed tokens one image keeps (ValueError if more than it has)."""
+        if self.num_keep is not None:
+            k = self.num_keep
+        else:  # the epsilon keeps e.g. 100 · 0.29 = 28.999… at 29
+            k = max(1, math.floor(num_tokens * float(self.keep_ratio) + 1e-9))
+        if k > num_tokens:
+            raise ValueError(f"num_keep={k} is larger than the {num_tokens} visual tokens of this image")
+        return k
+
+
+class PruneStage(Stage):
+    """Base of pruning stages: budget check at ``attach``; ``compress`` keeps ``select(tokens, k)`` of each image."""
+
+    def attach(self, family: "Family") -> None:
+        n = family.tokens_per_tile
+        if self.config.num_keep is not None and self.config.num_keep > n:
+            raise ValueError(
+                f"{self.config.type}: num_keep={self.config.num_keep} is larger than the {n} visual tokens "
+                f"of one {family.model_type} image tile (grid {family.grid}); accepted: 1..{n}"
+            )
+
+    def select(self, tokens: "VisualTokens", num_keep: int) -> "torch.Tensor":
+        """[K] strictly increasing positions into ``tokens`` to keep (override)."""
+        raise NotImplementedError
+
+    def compress(self, tokens: list["VisualTokens"]) -> list["VisualTokens"]:
+        out = []
+        for t in tokens:
+            if t.num_tokens != t.num_uncompressed:
+                raise ValueError(
+                    f"{self.config.type} prunes uncompressed images ({t.num_uncompressed} tokens) but got "
+                    f"{t.num_tokens}: put it before other compressors"
+                )
+            out.append(t.select(self.select(t, self.config.num_to_keep(t.num_tokens))))
+        return out

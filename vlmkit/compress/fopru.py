@@ -1,0 +1,218 @@
+"""FoPru (Jiang et al., arXiv 2411.14164): training-free pruning by the attention each patch receives in the
+vision encoder, with a global (``rank``) or whole-row (``row``) strategy; kept tokens keep raster order.
+
+There is no public reference code; the choices below follow reference/compression_pe.md §2 and are fixed
+here (the notes mark them [2nd]/[recon]):
+
+- Layer: ``layer=None`` scores the vision layer whose *output* is the features the model uses
+  (``vision_feature_layer``: LLaVA -2 → ``vision_layers[-2]``, i.e. layer 22 of CLIP-L, the same map as
+  VisionZip's ``attentions[-2]``; InternVL -1 → the last layer). An int indexes ``family.vision_layers``.
+- Attention: recomputed for that one layer by a pre-hook on its attention module: the module's input is
+  the layer-normed hidden states, so ``softmax(q kᵀ · scale)`` with the module's own q/k projections (and
+  q/k norms if it has them) reproduces the layer's probabilities exactly; the tower keeps its own
+  (SDPA) attention. Scores are computed in float32 under ``no_grad``.
+- Significance: mean over heads and over queries of the attention each key receives (the column mean;
+  the row mean is constant 1/(N+1)). The CLS *key* column is dropped after the softmax (no
+  renormalisation); the CLS *query* row is included unless ``cls_query=False``.
+- InternVL: one language-model token is a pixel-shuffled 2×2 block of patches (token (r, c) holds
+  patches rows 2r..2r+1, cols 2c..2c+1; see ``InternVLModel.pixel_shuffle``); its score is the **sum**
+  of its patches' scores (the attention the block receives in total).
+- ``rank``: the K highest scores. ``row``: rows ranked by mean score; the ⌊K/w⌋ best rows are kept
+  whole and the remaining K mod w tokens are the highest-scoring tokens of the next-best row (so K < w
+  keeps the best tokens of the best row). Ties go to the lower index. Tiled images (InternVL) are
+  pruned per image over all tiles: ``rank`` over every token, ``row`` over the ``tiles·h`` rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import PruneConfig, PruneStage
+from ..tokens import VisualTokens
+
+STRATEGIES = ("rank", "row")
+
+
+@dataclasses.dataclass
+class FoPruConfig(PruneConfig):
+    """FoPru: keep ``keep_ratio`` (or ``num_keep``) of each image's tokens by vision attention.
+
+    strategy: "rank" | "row"; layer: index into the vision layers (None = the feature layer);
+    cls_query: whether the CLS token's attention row counts when averaging over queries.
+    """
+
+    type = "fopru"
+    stage_class = "vlmkit.compress.fopru:FoPru"
+    strategy: str = "rank"
+    layer: int | None = None
+    cls_query: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown FoPru strategy {self.strategy!r}; accepted: {list(STRATEGIES)}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ValueError(f"layer must be an int index into the vision layers or None, got {self.layer!r}")
+
+
+def fopru_select(scores: torch.Tensor, grid_hw: tuple[int, int], num_keep: int, strategy: str) -> torch.Tensor:
+    """Indices to keep: scores [B, N] (N = h·w, row-major) -> LongTensor [B, K], strictly increasing per row."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+    h, w = int(grid_hw[0]), int(grid_hw[1])
+    B, N = scores.shape
+    if h * w != N:
+        raise ValueError(f"grid {h}×{w} does not match the {N} scores per row")
+    if not 1 <= num_keep <= N:
+        raise ValueError(f"num_keep must be in 1..{N}, got {num_keep}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown FoPru strategy {strategy!r}; accepted: {list(STRATEGIES)}")
+    if strategy == "rank":
+        keep = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :num_keep]
+        return keep.sort(dim=1).values
+    rows = torch.sort(scores.view(B, h, w).mean(-1), dim=1, descending=True, stable=True).indices  # [B, h]
+    full, rem = divmod(num_keep, w)
+    cols = torch.arange(w, device=scores.device)
+    parts = [(rows[:, :full, None] * w + cols).reshape(B, full * w)]
+    if rem:
+        nxt = rows[:, full]  # [B]: the next-best row gives its rem best tokens
+        in_row = scores.view(B, h, w)[torch.arange(B, device=scores.device), nxt]  # [B, w]
+        best = torch.sort(in_row, dim=1, descending=True, stable=True).indices[:, :rem]
+        parts.append(nxt[:, None] * w + best)
+    return torch.cat(parts, dim=1).sort(dim=1).values
+
+
+def find_attention(layer: nn.Module) -> nn.Module:
+    """The self-attention submodule of a vision layer (the child with ``q_proj`` / ``k_proj``)."""
+    for module in layer.modules():
+        if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "head_dim", "scale")):
+            return module
+    raise ValueError(f"{type(layer).__name__} has no attention module with q_proj/k_proj/num_heads/head_dim/scale")
+
+
+@torch.no_grad()
+def attention_received(attn: nn.Module, hidden_states: torch.Tensor, cls_query: bool = True) -> torch.Tensor:
+    """Mean attention each key receives: attention input [B, S, C] -> [B, S] (mean over heads and queries).
+
+    ``hidden_states`` is what the attention module receives (already layer-normed by its layer);
+    ``cls_query=False`` leaves the first query (CLS) out of the mean.
+    """
+    B, S, _ = hidden_states.shape
+    q, k = attn.q_proj(hidden_states), attn.k_proj(hidden_states)
+    if hasattr(attn, "q_norm"):  # InternViT-6B style q/k norms (Identity when unused)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    H, d = attn.num_heads, attn.head_dim
+    q = q.reshape(B, S, H, d).transpose(1, 2).float()
+    k = k.reshape(B, S, H, d).transpose(1, 2).float()
+    out = []
+    for b in range(B):  # one image at a time keeps memory at H·S² floats
+        probs = torch.softmax(q[b] @ k[b].transpose(-1, -2) * attn.scale, dim=-1)  # [H, S, S]
+        if not cls_query:
+            probs = probs[:, 1:]
+        out.append(probs.mean(dim=(0, 1)))
+    return torch.stack(out)
+
+
+def patch_to_token_scores(key_scores: torch.Tensor, patch_grid: tuple[int, int], factor: int) -> torch.Tensor:
+    """Key scores [B, S] (CLS first if S = h·w + 1) -> token scores [B, (h/f)·(w/f)]: drop CLS, sum f×f blocks."""
+    ph, pw = patch_grid
+    B, S = key_scores.shape
+    if S == ph * pw + 1:
+        key_scores = key_scores[:, 1:]
+    elif S != ph * pw:
+        raise ValueError(f"{S} attention keys do not match the {ph}×{pw} patch grid (+ optional CLS)")
+    blocks = key_scores.reshape(B, ph // factor, factor, pw // factor, factor)
+    return blocks.sum(dim=(2, 4)).reshape(B, -1)
+
+
+class FoPru(PruneStage):
+    """Pre-LLM pruning from one vision layer's attention (training-free). Scores land in ``VisualTokens.scores``."""
+
+    def __init__(self, config: FoPruConfig) -> None:
+        super().__init__(config)
+        self._records: list[torch.Tensor] | None = None  # lives only inside vision_context
+
+    def _resolve_layer(self, family) -> int:
+        n = len(family.vision_layers)
+        layer = self.config.layer
+        if layer is None:
+            fl = family.feature_layer
+            if not isinstance(fl, int) or fl == 0:
+                raise ValueError(f"FoPru cannot follow vision_feature_layer={fl!r}; set FoPruConfig(layer=...)")
+            layer = fl if fl < 0 else fl - 1  # hidden_states[i] is the output of layer i-1 (0 = embeddings)
+        if not -n <= layer < n:
+            raise ValueError(f"FoPru layer={layer} out of range for {n} vision layers; accepted: {-n}..{n - 1}")
+        return layer % n
+
+    def attach(self, family) -> None:
+        super().attach(family)
+        (H, W), (p1, p2) = family.image_size, family.patch_size
+        patch_grid, (h, w) = (H // p1, W // p2), family.grid
+        factor = patch_grid[0] // h if h else 0
+        if not factor or patch_grid != (h * factor, w * factor):
+            raise ValueError(
+                f"FoPru scores patch tokens, but this {family.model_type} model's visual tokens (grid {h}×{w}) "
+                f"are not a pooled {patch_grid[0]}×{patch_grid[1]} patch grid (vision_feature_select_strategy "
+                "must be 'default')"
+            )
+        self._layer = self._resolve_layer(family)
+        find_attention(family.vision_layers[self._layer])  # fail at wrap() time, not mid-forward
+        self._patch_grid, self._factor = patch_grid, factor
+
+    @property
+    def scored_layer(self) -> int:
+        """0-based index into ``family.vision_layers`` of the layer FoPru scores (resolved at ``attach``)."""
+        return self._layer
+
+    def scored_attention(self, family) -> nn.Module:
+        """The attention module whose probabilities FoPru recomputes (not stored: it belongs to the model)."""
+        return find_attention(family.vision_layers[self._layer])
+
+    def token_scores(self, attn: nn.Module, attention_input: torch.Tensor) -> torch.Tensor:
+        """Input of the scored attention module [B, S, C] -> per-token scores [B, h·w] (float32)."""
+        has_cls = attention_input.shape[1] == self._patch_grid[0] * self._patch_grid[1] + 1
+        keys = attention_received(attn, attention_input, self.config.cls_query or not has_cls)
+        return patch_to_token_scores(keys, self._patch_grid, self._factor)
+
+    @contextlib.contextmanager
+    def vision_context(self, family) -> Iterator[None]:
+        records: list[torch.Tensor] = []
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            records.append(self.token_scores(module, hidden))
+
+        handle = self.scored_attention(family).register_forward_pre_hook(hook, with_kwargs=True)
+        self._records = records
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._records = None
+
+    def compress(self, tokens: list[VisualTokens]) -> list[VisualTokens]:
+        if self._records is None:
+            raise RuntimeError("FoPru.compress needs the scores recorded by its vision_context (use VLMWrapper)")
+        scores = torch.cat(self._records) if self._records else torch.empty(0)
+        per_tile = self._patch_grid[0] * self._patch_grid[1] // self._factor**2
+        if scores.shape[0] * per_tile != sum(t.num_uncompressed for t in tokens):
+            raise ValueError(
+                f"FoPru recorded {scores.shape[0]} tile(s) of attention but the images hold "
+                f"{sum(t.num_uncompressed for t in tokens)} tokens: another stage re-ran the vision tower?"
+            )
+        out, start = [], 0
+        for t in tokens:
+            if t.num_tokens != t.num_uncompressed:
+                raise ValueError("FoPru prunes uncompressed images: put it before other compressors")
+            tiles = t.num_uncompressed // per_tile
+            s = scores[start : start + tiles].reshape(1, -1).to(t.embeds.device)
+            start += tiles
+            h, w = t.grid
+            keep = fopru_select(s, (tiles * h, w), self.config.num_to_keep(t.num_tokens), self.config.strategy)[0]
+            out.append(dataclasses.replace(t, scores=s[0]).select(keep))
+        return out

@@ -1,0 +1,36 @@
+"""Random pruning baseline: keep a uniformly random subset of each image's tokens, in original order."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import PruneConfig, PruneStage
+from ..tokens import VisualTokens
+
+
+@dataclasses.dataclass
+class RandomPruneConfig(PruneConfig):
+    """Keep ``keep_ratio`` (or ``num_keep``) random tokens per image.
+
+    The generator is re-seeded with ``seed`` for every image, so the kept positions depend only on
+    (seed, number of tokens): reproducible and independent of the batch an image comes in.
+    """
+
+    type = "random"
+    stage_class = "vlmkit.compress.random:RandomPrune"
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+
+class RandomPrune(PruneStage):
+    """Training-free baseline: a seeded random subset of ``K`` tokens per image."""
+
+    def select(self, tokens: VisualTokens, num_keep: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return torch.randperm(tokens.num_tokens, generator=generator)[:num_keep].sort().values
