@@ -191,3 +191,12 @@ def test_invalid_pvc_configs_raise_at_wrap(tiny, family, kwargs):
     model, _ = tiny
     with pytest.raises(ValueError):
         vlmkit.wrap(model, _pvc(family, **kwargs))
+
+
+def test_pvc_cannot_be_combined_with_another_compressor():
+    import vlmkit
+    from vlmkit.testing import tiny_vlm
+
+    model, _ = tiny_vlm("llava")
+    with pytest.raises(ValueError, match=r"'pvc' cannot be combined with other compressor stages, got \['pvc', 'fopru'\]"):
+        vlmkit.wrap(model, vlmkit.PVCConfig(frames=1, tokens_per_frame=16), vlmkit.FoPruConfig(keep_ratio=0.5))

@@ -93,6 +93,7 @@ class StageConfig:
     type: ClassVar[str] = ""
     role: ClassVar[str] = ""
     stage_class: ClassVar[str] = ""  # "module:Class" of the nn.Module this config builds
+    exclusive: ClassVar[bool] = False  # True: no other stage of the same role may be combined with it
 
     def __post_init__(self) -> None:
         self.validate()

@@ -35,6 +35,10 @@ def _order_stages(configs: tuple[StageConfig, ...]) -> list[StageConfig]:
     positions = [c.type for c in configs if c.role == "position"]
     if len(positions) > 1:
         raise ValueError(f"at most one position scheme per model, got {positions}")
+    for c in configs:
+        same_role = [o.type for o in configs if o.role == c.role]
+        if c.exclusive and len(same_role) > 1:
+            raise ValueError(f"stage {c.type!r} cannot be combined with other {c.role} stages, got {same_role}")
     return sorted(configs, key=lambda c: ROLES.index(c.role))
 
 

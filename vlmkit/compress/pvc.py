@@ -52,6 +52,7 @@ class PVCConfig(StageConfig):
     type = "pvc"
     role = "compressor"
     stage_class = "vlmkit.compress.pvc:PVC"
+    exclusive = True  # it re-runs the vision tower itself: no other compressor can share the images
     frames: int = 4
     tokens_per_frame: int = 64
     temporal_layers: int = 4
