@@ -24,10 +24,16 @@ def test_shapes_writes_every_format(tmp_path, capsys):
     assert len(list((tmp_path / "images").glob("*.png"))) == 3
 
 
-def test_demo_runs_and_reports_fewer_tokens_when_compressing(capsys):
-    assert main(["demo", "--n", "2"]) == 0
+def test_demo_writes_table_and_pictures(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--limit", "4", "--sweep-limit", "4"]) == 0
     out = capsys.readouterr().out
-    assert "identity" in out and "[16, 16]" in out
+    for label in ("full (no stages)", "FoPru rank keep 0.25", "V2PE stride 16", "FoPru row", "DivPrune"):
+        assert label in out
+    for name in ("pruning_map.png", "mask_overlay_0.png", "accuracy_vs_keep.png", "demo_results.json"):
+        assert (tmp_path / name).is_file(), name
+    rows = json.loads((tmp_path / "demo_results.json").read_text())["rows"]
+    full, pruned = rows[0], rows[1]
+    assert pruned["visual_tokens_per_image"] == full["visual_tokens_per_image"] / 4
 
 
 def test_unknown_command_is_an_error(capsys):

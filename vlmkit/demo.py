@@ -1,82 +1,176 @@
-"""``vlmkit demo``: run shapes questions through a wrapped model, with and without compression.
+"""``vlmkit demo``, the main job: the shipped shapes model on held-out shapes, with and without compression
+and V2PE, through the evaluation harness.
 
-Until a trained default model ships, the demo uses a tiny random-weight LLaVA from
-``vlmkit.testing`` (or ``--model PATH``, loaded with ``from_pretrained``): it shows the pipeline at
-work — visual tokens in, tokens the language model really received, greedy answers, latency — not
-answer quality.
+Prints a table (VQA accuracy, referring cIoU, visual tokens per image, latency) and writes PNGs into
+``--out``: a FoPru pruning map, mask overlays of the model's Text4Seg answers, and accuracy against keep
+ratio for FoPru rank, FoPru row and the random / DivPrune baselines. When no shipped model is found
+(``vlmkit/assets/shapes-llava-tiny``), it falls back to a tiny random-weight model and says so: then
+the numbers show the pipeline at work, not answer quality.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
+
+SHIPPED = Path(__file__).parent / "assets" / "shapes-llava-tiny"
+# (label, compress specs, position spec) of the main table
+MAIN_ROWS = [
+    ("full (no stages)", [], None),
+    ("FoPru rank keep 0.25", ["fopru:0.25"], None),
+    ("V2PE stride 16", [], "v2pe:16"),
+    ("FoPru 0.25 + V2PE 16", ["fopru:0.25"], "v2pe:16"),
+]
+SWEEP_KEEP = [1.0, 0.5, 0.25, 0.11]
+SWEEP_METHODS = {
+    "FoPru rank": "fopru:keep_ratio={k},strategy=rank",
+    "FoPru row": "fopru:keep_ratio={k},strategy=row",
+    "random": "random:keep_ratio={k}",
+    "DivPrune": "divprune:keep_ratio={k}",
+}
 
 
-def _load(model_path: str | None):
-    if model_path is None:
-        from .testing import tiny_vlm
+def load_default(model_path: str | None = None):
+    """(model, processor, description): ``model_path``, else the shipped model, else a tiny random one."""
+    path = Path(model_path) if model_path else SHIPPED
+    if (path / "config.json").is_file():
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        return tiny_vlm("llava", seed=0), "tiny random LLaVA (vlmkit.testing)"
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        return model, AutoProcessor.from_pretrained(path), str(path)
+    if model_path:
+        raise FileNotFoundError(f"no config.json in --model {model_path!r}")
+    from .testing import tiny_vlm
 
-    model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
-    return (model, AutoProcessor.from_pretrained(model_path)), model_path
-
-
-def _stage_sets(keep: float) -> list[tuple[str, tuple]]:
-    """(label, configs) pairs to compare; compression stages join when they are installed."""
-    sets = [("identity", ())]
-    try:
-        from .compress.fopru import FoPruConfig
-    except ImportError:
-        return sets
-    return sets + [(f"FoPru rank keep={keep}", (FoPruConfig(keep_ratio=keep),))]
+    model, processor = tiny_vlm("llava", seed=0)
+    return model, processor, "tiny random-weight LLaVA (no shipped model found: numbers are not meaningful)"
 
 
-def run(n: int = 4, seed: int = 0, model_path: str | None = None, keep: float = 0.25, max_new_tokens: int = 4):
-    """Answer one question for each of ``n`` shapes images with every stage set; return (rows, samples)."""
-    import torch
+def _score(results: dict, task: str, metric: str) -> float | None:
+    value = results["results"].get(task, {}).get(f"{metric},none")
+    return None if value is None else float(value)
+
+
+def _run(model, processor, tasks, compress, position, data_root, limit, quiet) -> dict:
+    from .evaluation import evaluate
+
+    start = time.perf_counter()
+    res = evaluate((model, processor), tasks, compress=compress, position=position, data_root=data_root,
+                   limit=limit, batch_size=32, quiet=quiet)
+    res["demo_seconds"] = time.perf_counter() - start
+    return res
+
+
+def _row(label: str, res: dict) -> dict:
+    tp = res["throughput"]
+    vqa = tp.get("shapes_vqa", {})
+    return {
+        "stages": label,
+        "vqa_accuracy": _score(res, "shapes_vqa", "vqa_accuracy"),
+        "cIoU": _score(res, "shapes_refseg", "cIoU"),
+        "gIoU": _score(res, "shapes_refseg", "gIoU"),
+        "visual_tokens_per_image": vqa.get("visual_tokens", 0) / max(1, vqa.get("samples", 1)),
+        "ms_per_sample": 1000 * sum(t["wall_s"] for t in tp.values()) / max(1, sum(t["samples"] for t in tp.values())),
+    }
+
+
+def _pictures(model, processor, out: Path, data_root: Path, n_overlays: int = 4) -> list[Path]:
+    """A FoPru pruning map and Text4Seg mask overlays of the first referring expressions."""
+    import numpy as np
 
     import vlmkit
 
+    from .compress.fopru import FoPruConfig
     from .data.shapes import generate
+    from .seg.text4seg import Text4SegConfig
+    from .train.shapes_model import PROMPT, refseg_turn
+    from .viz import mask_overlay, pruning_map
 
-    (model, processor), name = _load(model_path)
-    samples = generate(n, seed=seed, size=64)
-    marker = getattr(processor, "image_token", "<image>")
-    prompts = [f"user : {marker} {s.questions[0]['question']} assistant :" for s in samples]
+    samples = generate(n_overlays, seed=0)
+    written = []
+    wrapped = vlmkit.wrap(model, FoPruConfig(keep_ratio=0.25, strategy="rank"))
+    pixels = processor.image_processor([samples[0].image], return_tensors="pt")["pixel_values"]
+    (tokens,) = wrapped.encode_visual(pixels)
+    pruning_map(samples[0].image, tokens).save(out / "pruning_map.png")
+    written.append(out / "pruning_map.png")
+    vlmkit.unwrap(wrapped)
+
+    wrapped = vlmkit.wrap(model, Text4SegConfig(grid=16))
+    rng = np.random.default_rng(0)
+    turns = [refseg_turn(s, rng) for s in samples]
     processor.tokenizer.padding_side = "left"
+    prompts = [PROMPT.format(image=processor.image_token, question=q) for q, _, _ in turns]
     batch = processor(images=[[s.image] for s in samples], text=prompts, return_tensors="pt", padding=True)
-    print(f"model: {name}; {n} shapes images, batch padded to {batch['input_ids'].shape[1]} tokens")
+    generated = wrapped.generate(**batch, max_new_tokens=200, do_sample=False)
+    texts = processor.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    results = wrapped.masks_from_text(texts, images=[s.image for s in samples])
+    for i, (s, (q, _, obj), r) in enumerate(zip(samples, turns, results)):
+        label = q.split("'")[1] if "'" in q else s.objects[obj].name
+        pic = mask_overlay(s.image.resize((256, 256), 0), [np.kron(r.mask, np.ones((4, 4), bool))], [label])
+        pic.save(out / f"mask_overlay_{i}.png")
+        written.append(out / f"mask_overlay_{i}.png")
+    vlmkit.unwrap(wrapped)
+    return written
+
+
+def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int = 64, sweep_limit: int = 48,
+        quiet: bool = True) -> dict:
+    """Evaluate the main rows and the keep-ratio sweep; write PNGs and ``demo_results.json`` to ``out``."""
+    import torch
+
+    from .viz.plot import line_plot
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = out / "data"
+    model, processor, description = load_default(model_path)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    print(f"model: {description}")
     rows = []
-    for label, configs in _stage_sets(keep):
-        wrapped = vlmkit.wrap(model, *configs)
-        assembled = wrapped.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = wrapped.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        latency = time.perf_counter() - start
-        answers = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        rows.append({"stages": label, "visual_tokens": assembled.visual_tokens_per_sample,
-                     "sequence_length": int(assembled.attention_mask.shape[1]), "latency_s": latency,
-                     "answers": answers})
-        vlmkit.unwrap(wrapped)
-    return rows, samples
+    for label, compress, position in MAIN_ROWS:
+        res = _run(model, processor, "shapes_vqa,shapes_refseg", compress, position, data_root, limit, quiet)
+        rows.append(_row(label, res))
+    sweep: dict[str, list[float]] = {}
+    for method, spec in SWEEP_METHODS.items():
+        sweep[method] = []
+        for keep in SWEEP_KEEP:
+            res = _run(model, processor, "shapes_vqa", [spec.format(k=keep)], None, data_root, sweep_limit, quiet)
+            sweep[method].append(_score(res, "shapes_vqa", "vqa_accuracy"))
+    pictures = _pictures(model, processor, out, data_root)
+    line_plot(SWEEP_KEEP, sweep, title="shapes VQA accuracy vs kept visual tokens", xlabel="keep ratio",
+              ylabel="VQA accuracy").save(out / "accuracy_vs_keep.png")
+    pictures.append(out / "accuracy_vs_keep.png")
+    report = {"model": description, "rows": rows, "sweep": {"keep": SWEEP_KEEP, **sweep},
+              "limit": limit, "sweep_limit": sweep_limit, "pictures": [str(p) for p in pictures]}
+    (out / "demo_results.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _fmt(value, pattern="{:.3f}") -> str:
+    return "-" if value is None else pattern.format(value)
 
 
 def cli_main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="vlmkit demo", description=__doc__)
-    parser.add_argument("--model", default=None, help="local checkpoint path (default: tiny random model)")
-    parser.add_argument("--n", type=int, default=4, help="number of shapes images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", type=float, default=0.25, help="FoPru keep ratio")
+    parser = argparse.ArgumentParser(prog="vlmkit demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="local checkpoint path (default: the shipped shapes model)")
+    parser.add_argument("--out", default="demo_out", help="folder for the PNGs and demo_results.json")
+    parser.add_argument("--limit", type=int, default=64, help="held-out questions / expressions per task")
+    parser.add_argument("--sweep-limit", type=int, default=48, help="questions per point of the keep-ratio sweep")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
-    rows, samples = run(n=args.n, seed=args.seed, model_path=args.model, keep=args.keep)
-    for i, s in enumerate(samples):
-        print(f"  q{i}: {s.questions[0]['question']}  (truth: {s.questions[0]['answer']})")
-    print(f"{'stages':24s} {'visual tokens/sample':22s} {'seq len':>8s} {'latency':>9s}  answers")
-    for r in rows:
-        print(f"{r['stages']:24s} {str(r['visual_tokens']):22s} {r['sequence_length']:8d} "
-              f"{r['latency_s'] * 1000:7.1f}ms  {r['answers']}")
+    start = time.perf_counter()
+    report = run(args.out, args.model, args.limit, args.sweep_limit, quiet=not args.progress)
+    print(f"{'stages':24s} {'VQA acc':>8s} {'cIoU':>7s} {'gIoU':>7s} {'vis tok/img':>12s} {'ms/sample':>10s}")
+    for r in report["rows"]:
+        print(f"{r['stages']:24s} {_fmt(r['vqa_accuracy']):>8s} {_fmt(r['cIoU']):>7s} {_fmt(r['gIoU']):>7s} "
+              f"{r['visual_tokens_per_image']:12.1f} {r['ms_per_sample']:10.1f}")
+    print("VQA accuracy vs keep ratio " + " ".join(f"{k:>6}" for k in report["sweep"]["keep"]))
+    for method in SWEEP_METHODS:
+        print(f"  {method:24s} " + " ".join(f"{_fmt(v):>6s}" for v in report["sweep"][method]))
+    print(f"pictures: {', '.join(report['pictures'])}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -194,8 +194,12 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch_size: int = 16, lr: float = 1e-3,
           seed: int = 0, curriculum_steps: int = 400, refseg_prob: float = 0.5, aux_weight: float = 0.5,
-          eval_every: int = 0, quiet: bool = False, arch: TinyArch = TinyArch()) -> dict:
-    """Train from scratch and save the model, processor and a training log to ``out_dir``."""
+          eval_every: int = 0, save_every: int = 50, quiet: bool = False, arch: TinyArch = TinyArch()) -> dict:
+    """Train from scratch and save the model, processor and a training log to ``out_dir``.
+
+    The model is also saved every ``save_every`` joint steps (overwriting), so a stopped run leaves its
+    latest weights behind.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -224,22 +228,30 @@ def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 25 == 0 or step == total - 1:
-            row = {"step": step, "minutes": (time.time() - start) / 60, **{k: float(v) for k, v in parts.items()}}
+            row = {"step": step, "minutes": (time.time() - start) / 60, **{k: float(v.detach()) for k, v in parts.items()}}
             log.append(row)
             if not quiet:
                 tqdm.write(json.dumps(row))
+        if save_every and step >= vision_steps and (step - vision_steps + 1) % save_every == 0:
+            _save(model, processor, out_dir, log, start)
         if eval_every and step >= vision_steps and (step - vision_steps + 1) % eval_every == 0:
             model.eval()
             tqdm.write(json.dumps(evaluate(model, processor, n=64, seed=1, quiet=True)))
             model.train()
     model.eval()
+    minutes = _save(model, processor, out_dir, log, start)
+    return {"minutes": minutes, "steps": total, "seed": seed, "batch_size": batch_size}
+
+
+def _save(model, processor, out_dir: str | Path, log: list, start: float) -> float:
+    """Write weights (safetensors), processor files and the training log; return minutes since ``start``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     minutes = (time.time() - start) / 60
     (out_dir / "training_log.json").write_text(json.dumps({"minutes": minutes, "log": log}, indent=1))
-    return {"minutes": minutes, "steps": total}
+    return minutes
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
@@ -284,4 +296,59 @@ def evaluate(model, processor, n: int = 200, seed: int = 1, batch_size: int = 32
             targets.append(s.objects[obj_index].mask)
     per_type = {k: float(np.mean(v)) for k, v in sorted(correct.items())}
     return {"vqa_accuracy": float(np.mean([x for v in correct.values() for x in v])), "per_type": per_type,
-            "n_questions": len(qa), "n_refs": len(refs), **refer_seg_scores(preds, targets)}
+            "n_images": n, "n_questions": len(qa), "n_refs": len(refs), **refer_seg_scores(preds, targets)}
+
+
+def write_model_card(out_dir: str | Path, arch: TinyArch, train_info: dict, metrics: dict, demo_rows: list[dict],
+                     command: str) -> Path:
+    """README.md (model card) + metrics.json next to the weights: what was trained, how, and measured how well."""
+    from transformers import AutoConfig
+
+    out_dir = Path(out_dir)
+    config = AutoConfig.from_pretrained(out_dir)
+    weights = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
+    card_metrics = {"held_out": metrics, "demo_rows": demo_rows, "train": train_info}
+    (out_dir / "metrics.json").write_text(json.dumps(card_metrics, indent=1))
+    per_type = "\n".join(f"| {k} | {v:.3f} |" for k, v in metrics["per_type"].items())
+    rows = "\n".join(
+        f"| {r['stages']} | {r['vqa_accuracy']:.3f} | {r['cIoU']:.3f} | {r['gIoU']:.3f} | {r['visual_tokens_per_image']:.0f} |"
+        for r in demo_rows)
+    text = f"""# shapes-llava-tiny
+
+The embedded default model of vlmkit: a `LlavaForConditionalGeneration` (real transformers classes) with
+random initialisation, trained from scratch on the synthetic `shapes` benchmark to answer its questions
+and to emit Text4Seg R-RLE descriptors (16×16 grid) for referring expressions. Tokenizer: a local
+word-level vocabulary (`vlmkit.testing.build_tokenizer`). Prompt: `user : <image> QUESTION assistant :`.
+
+## Architecture
+{json.dumps(dataclasses.asdict(arch))}; vision_feature_layer = {config.vision_feature_layer};
+vocabulary {config.text_config.vocab_size} words; weights {weights / 1e6:.1f} MB (safetensors, float32).
+
+## Training
+- command: `{command}`
+- data: shapes images generated on the fly from seed {train_info.get('seed', 0)} (image ids from 10,000,000 on,
+  disjoint from every evaluation set); curriculum: at most 2 shapes for the first joint steps, then up to 4
+- vision warm-up on an auxiliary per-patch classification loss (exact masks), then joint training
+  (answers-only LM loss + 0.5 × auxiliary loss), AdamW, cosine schedule, batch {train_info.get('batch_size')}
+- steps: {train_info['steps']}; wall time: {train_info['minutes']:.1f} minutes on 2 CPU cores
+
+## Measured (held out)
+`vlmkit.train.shapes_model.evaluate`: {metrics['n_questions']} questions and {metrics['n_refs']} referring
+expressions on {metrics.get('n_images', '?')} fresh images (seed 1).
+
+VQA accuracy (exact match of the first answer word): **{metrics['vqa_accuracy']:.3f}**; referring
+segmentation cIoU **{metrics['cIoU']:.3f}**, gIoU {metrics['gIoU']:.3f}.
+
+| question type | accuracy |
+|---|---|
+{per_type}
+
+`vlmkit demo` (the evaluation harness: tasks `shapes_vqa` with official VQA accuracy and `shapes_refseg`,
+held-out shapes written from seed 0):
+
+| stages | VQA acc | cIoU | gIoU | visual tokens / image |
+|---|---|---|---|---|
+{rows}
+"""
+    (out_dir / "README.md").write_text(text)
+    return out_dir / "README.md"

@@ -7,6 +7,7 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "pruning_map": "vlmkit.viz.pruning",
     "mask_overlay": "vlmkit.viz.masks",
+    "line_plot": "vlmkit.viz.plot",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,55 @@
+"""A small line plot drawn with PIL (no plotting library needed)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def line_plot(x: list[float], series: dict[str, list[float | None]], title: str = "", xlabel: str = "",
+              ylabel: str = "", size: tuple[int, int] = (640, 420), y_range: tuple[float, float] = (0.0, 1.0)
+              ) -> "Image.Image":
+    """One line per series over ``x`` (missing values skipped), with axes, ticks and a legend."""
+    from PIL import Image, ImageDraw
+
+    for name, ys in series.items():
+        if len(ys) != len(x):
+            raise ValueError(f"series {name!r} has {len(ys)} values for {len(x)} x positions")
+    W, H = size
+    left, right, top, bottom = 60, 20, 40, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    x0, x1 = min(x), max(x)
+    y0, y1 = y_range
+
+    def px(xv: float, yv: float) -> tuple[float, float]:
+        fx = (xv - x0) / ((x1 - x0) or 1)
+        fy = (yv - y0) / ((y1 - y0) or 1)
+        return left + fx * (W - left - right), H - bottom - fy * (H - top - bottom)
+
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(6):
+        yv = y0 + i * (y1 - y0) / 5
+        _, yp = px(x0, yv)
+        draw.line([left - 4, yp, left, yp], fill="black")
+        draw.text((8, yp - 6), f"{yv:.1f}", fill="black")
+    for xv in x:
+        xp, _ = px(xv, y0)
+        draw.line([xp, H - bottom, xp, H - bottom + 4], fill="black")
+        draw.text((xp - 10, H - bottom + 8), f"{xv:g}", fill="black")
+    draw.text((W // 2 - 40, H - 20), xlabel, fill="black")
+    draw.text((8, 8), ylabel, fill="black")
+    draw.text((W // 2 - 4 * len(title), 14), title, fill="black")
+    for k, (name, ys) in enumerate(series.items()):
+        color = SERIES_COLORS[k % len(SERIES_COLORS)]
+        points = [px(xv, yv) for xv, yv in zip(x, ys) if yv is not None]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for p in points:
+            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
+        draw.text((left + 10, top + 8 + 14 * k), f"— {name}", fill=color)
+    return img
