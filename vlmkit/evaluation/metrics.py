@@ -586,7 +586,8 @@ def _fg_areas(pred: Any, target: Any, index: int, ignore_index: int) -> tuple[in
     return int(inter[1]), int(union[1])
 
 
-def _lisa_iou(inter: int, union: int) -> np.float32:
+def lisa_iou(inter: int, union: int) -> np.float32:
+    """One expression's IoU as LISA computes it: I / (U + 1e-5) in float32, and 1 when both masks are empty."""
     # float32 as in LISA: int histc areas + python 1e-5 -> float32; +1.0 where union == 0.
     iou = np.float32(inter) / (np.float32(union) + np.float32(1e-5))
     if union == 0:
@@ -609,7 +610,7 @@ def per_sample_iou(preds: Any, targets: Any, epsilon: bool = True, ignore_index:
     out = []
     for i, (p, t) in enumerate(pairs):
         inter, union = _fg_areas(p, t, i, ignore_index)
-        out.append(_lisa_iou(inter, union) if epsilon else (1.0 if union == 0 else inter / union))
+        out.append(lisa_iou(inter, union) if epsilon else (1.0 if union == 0 else inter / union))
     return np.asarray(out, dtype=np.float32 if epsilon else np.float64)
 
 
@@ -629,17 +630,26 @@ def refer_seg_scores(preds: Any, targets: Any, epsilon: bool = True, ignore_inde
     """
     pairs = _map_pairs(preds, targets)
     areas = [_fg_areas(p, t, i, ignore_index) for i, (p, t) in enumerate(pairs)]
+    return refer_seg_from_areas(areas, epsilon)
+
+
+def refer_seg_from_areas(areas: Sequence[tuple[int, int]], epsilon: bool = True) -> dict[str, float]:
+    """cIoU / gIoU from per-expression foreground (intersection, union) pixel counts, in order.
+
+    The aggregation of ``refer_seg_scores`` (LISA ``validate``: float32 running sums and its epsilons), for
+    callers that store counts instead of masks (the evaluation runner's resumable per-sample files).
+    """
     n = len(areas)
+    if n == 0:
+        raise ValueError("no samples to aggregate")
     if not epsilon:
         ious = [1.0 if u == 0 else i / u for i, u in areas]
         sum_i = sum(i for i, _ in areas)
         sum_u = sum(u for _, u in areas)
         return {"cIoU": 1.0 if sum_u == 0 else sum_i / sum_u, "gIoU": float(sum(ious) / n)}
-    acc = np.float32(0.0)
-    sum_i = np.float32(0.0)
-    sum_u = np.float32(0.0)
+    acc = sum_i = sum_u = np.float32(0.0)
     for inter, union in areas:  # float32 running sums, as LISA's AverageMeters
-        acc = np.float32(acc + _lisa_iou(inter, union))
+        acc = np.float32(acc + lisa_iou(inter, union))
         sum_i = np.float32(sum_i + np.float32(inter))
         sum_u = np.float32(sum_u + np.float32(union))
     giou = np.float32(acc / np.float32(n + 1e-5))

@@ -39,7 +39,7 @@ import numpy as np
 __all__ = [
     "TASK_KEYS", "GENERATION_KEYS", "TaskConfig", "Parsed", "SampleContext", "PARSERS", "METRICS", "Scorer",
     "load_task", "list_tasks", "get_task", "tasks_dir", "resolve_dataset", "render_prompt",
-    "aggregate_refer_seg", "aggregate_mean_iou",
+    "aggregate_mean_iou",
 ]
 
 #: Top-level keys a task YAML may hold (``include`` is resolved while loading).
@@ -381,37 +381,6 @@ class BoxAccuracy(Scorer):
         return {self.key: hit}
 
 
-def _lisa_iou(inter: int, union: int) -> np.float32:
-    iou = np.float32(inter) / (np.float32(union) + np.float32(1e-5))
-    if union == 0:
-        iou = np.float32(iou + np.float32(1.0))
-    return np.float32(iou)
-
-
-def aggregate_refer_seg(areas: Sequence[tuple[int, int]], epsilon: bool = True) -> dict[str, float]:
-    """cIoU / gIoU from per-expression foreground (intersection, union) pixel counts, in order.
-
-    Same operations, dtypes and epsilons as ``metrics.refer_seg_scores`` (LISA ``validate``), so the
-    result equals it on the masks the areas came from.
-    """
-    n = len(areas)
-    if n == 0:
-        raise ValueError("no samples to aggregate")
-    if not epsilon:
-        ious = [1.0 if u == 0 else i / u for i, u in areas]
-        sum_i = sum(i for i, _ in areas)
-        sum_u = sum(u for _, u in areas)
-        return {"cIoU": 1.0 if sum_u == 0 else sum_i / sum_u, "gIoU": float(sum(ious) / n)}
-    acc = sum_i = sum_u = np.float32(0.0)
-    for inter, union in areas:
-        acc = np.float32(acc + _lisa_iou(inter, union))
-        sum_i = np.float32(sum_i + np.float32(inter))
-        sum_u = np.float32(sum_u + np.float32(union))
-    giou = np.float32(acc / np.float32(n + 1e-5))
-    ciou = np.float32(sum_i / np.float32(sum_u + np.float32(1e-10)))
-    return {"cIoU": float(ciou), "gIoU": float(giou)}
-
-
 class ReferSegScorer(Scorer):
     """Referring / reasoning segmentation cIoU and gIoU (LISA; ``metrics.refer_seg_scores``).
 
@@ -431,7 +400,7 @@ class ReferSegScorer(Scorer):
         return {k: v for k, v in src.items() if k != "segmentation"}
 
     def score(self, parsed, doc):
-        from .metrics import intersection_and_union
+        from .metrics import intersection_and_union, lisa_iou
         from .readers import load_mask
 
         target = load_mask(doc["mask"])
@@ -440,11 +409,13 @@ class ReferSegScorer(Scorer):
             raise ValueError(f"doc {doc.get('id')!r}: predicted mask {pred.shape} != ground truth {target.shape}")
         inter, union, _ = intersection_and_union(pred.astype(np.int64), target, 2, self.ignore_index)
         i, u = int(inter[1]), int(union[1])
-        iou = float(_lisa_iou(i, u)) if self.epsilon else (1.0 if u == 0 else i / u)
+        iou = float(lisa_iou(i, u)) if self.epsilon else (1.0 if u == 0 else i / u)
         return {"iou": iou, "intersection": i, "union": u}
 
     def aggregate(self, records):
-        return aggregate_refer_seg([(r["scores"]["intersection"], r["scores"]["union"]) for r in records], self.epsilon)
+        from .metrics import refer_seg_from_areas
+
+        return refer_seg_from_areas([(r["scores"]["intersection"], r["scores"]["union"]) for r in records], self.epsilon)
 
 
 def aggregate_mean_iou(
@@ -516,7 +487,7 @@ class MeanIoUScorer(Scorer):
         return doc.get("mask", {}).get("path")
 
     def score(self, parsed, doc):
-        from .metrics import intersection_and_union
+        from .metrics import intersection_and_union, lisa_iou
         from .readers import load_mask
 
         target = load_mask(doc["mask"]).astype(np.int64)
