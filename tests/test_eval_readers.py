@@ -257,6 +257,12 @@ def test_hf_reader_needs_datasets(tmp_path):
     Dataset.from_dict({"question": ["q1", "q2"], "image": [Image.new("RGB", (4, 4))] * 2}).save_to_disk(tmp_path / "ds")
     docs = R.read_hf({"question": "question"}, path=str(tmp_path / "ds"))
     assert [d["question"] for d in docs] == ["q1", "q2"]
+    Dataset.from_dict({"question": ["a", "b"], "image": [Image.new("RGB", (4, 4))] * 2}).to_parquet(
+        str(tmp_path / "d.parquet"))
+    docs = R.read_hf({"question": "question"}, parquet=str(tmp_path / "d.parquet"))
+    assert [d["question"] for d in docs] == ["a", "b"] and docs[0]["image"].size == (4, 4)
+    with pytest.raises(FileNotFoundError, match="parquet file not found"):
+        R.read_hf({"question": "question"}, parquet=str(tmp_path / "missing.parquet"))
 
 
 def test_load_image_names_missing_file():
