@@ -109,13 +109,15 @@ def refseg_turn(sample: ShapesSample, rng: np.random.Generator, grid: int = GRID
 
 
 def conversation(sample: ShapesSample, rng: np.random.Generator, refseg_prob: float) -> list[tuple[str, str]]:
-    """The (question, answer) turns trained on one image: its VQA questions, maybe one refseg turn last."""
+    """The (question, answer) turns trained on one image: its VQA questions and maybe one refseg turn,
+    in random order. Every kind of question must also be the first turn, as at inference: a first run
+    that always put the refseg turn last learned to answer it, first, with one word and the end token."""
     turns = [(q["question"], q["answer"]) for q in sample.questions]
-    rng.shuffle(turns)
     if sample.refs and rng.random() < refseg_prob:
         q, a, _ = refseg_turn(sample, rng)
         turns.append((q, a))
-    return turns
+    order = rng.permutation(len(turns))
+    return [turns[i] for i in order]
 
 
 def encode_sequence(turns: list[tuple[str, str]], tokenizer, image_token_id: int, n_image_tokens: int):
