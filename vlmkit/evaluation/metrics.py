@@ -657,6 +657,23 @@ def refer_seg_from_areas(areas: Sequence[tuple[int, int]], epsilon: bool = True)
     return {"cIoU": float(ciou), "gIoU": float(giou)}
 
 
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.mean(x[~np.isnan(x)])) if np.any(~np.isnan(x)) else float("nan")
+
+
+def mmseg_scores(tot_i: np.ndarray, tot_p: np.ndarray, tot_l: np.ndarray) -> dict[str, Any]:
+    """mmseg's scores from dataset-summed float32 areas [K] (intersection, prediction, label).
+
+    IoU / Acc per class (NaN where a class never occurs), mIoU / mAcc over the non-NaN classes, aAcc.
+    """
+    tot_u = tot_p + tot_l - tot_i
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = (tot_i / tot_u).astype(np.float32)
+        acc = (tot_i / tot_l).astype(np.float32)
+        a_acc = float(np.float32(tot_i.sum() / tot_l.sum()))
+    return {"mIoU": _nanmean(iou), "IoU": iou, "Acc": acc, "mAcc": _nanmean(acc), "aAcc": a_acc}
+
+
 def mean_iou(
     preds: Any,
     targets: Any,
@@ -709,13 +726,7 @@ def mean_iou(
             tot_i = tot_i + _hist(inter, k).astype(np.float32)  # histc returns float32; summed in float32
             tot_p = tot_p + _hist(pa, k).astype(np.float32)
             tot_l = tot_l + _hist(ta, k).astype(np.float32)
-        tot_u = tot_p + tot_l - tot_i
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = (tot_i / tot_u).astype(np.float32)
-            acc = (tot_i / tot_l).astype(np.float32)
-            a_acc = float(np.float32(tot_i.sum() / tot_l.sum()))
-        miou = float(np.mean(iou[~np.isnan(iou)])) if np.any(~np.isnan(iou)) else float("nan")
-        return {"mIoU": miou, "IoU": iou, "Acc": acc, "aAcc": a_acc}
+        return mmseg_scores(tot_i, tot_p, tot_l)
 
     conf = np.zeros((k + 1, k + 1), dtype=np.int64)
     for i, (p, t) in enumerate(pairs):

@@ -437,14 +437,9 @@ def aggregate_mean_iou(
             tot_i = tot_i + np.asarray(ai, dtype=np.float32)
             tot_p = tot_p + np.asarray(ap, dtype=np.float32)
             tot_l = tot_l + np.asarray(al, dtype=np.float32)
-        tot_u = tot_p + tot_l - tot_i
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = (tot_i / tot_u).astype(np.float32)
-            acc = (tot_i / tot_l).astype(np.float32)
-            a_acc = float(np.float32(tot_i.sum() / tot_l.sum()))
-        miou = float(np.mean(iou[~np.isnan(iou)])) if np.any(~np.isnan(iou)) else float("nan")
-        macc = float(np.mean(acc[~np.isnan(acc)])) if np.any(~np.isnan(acc)) else float("nan")
-        return {"mIoU": miou, "mAcc": macc, "aAcc": a_acc, "IoU": iou}
+        from .metrics import mmseg_scores
+
+        return mmseg_scores(tot_i, tot_p, tot_l)
     if mode != "detectron2":
         raise ValueError(f"mode must be 'mmseg' or 'detectron2', got {mode!r}")
     tp = np.sum([np.asarray(a[0], np.int64) for a in areas], axis=0).astype(np.float64)
