@@ -482,7 +482,7 @@ class MeanIoUScorer(Scorer):
         return doc.get("mask", {}).get("path")
 
     def score(self, parsed, doc):
-        from .metrics import intersection_and_union, lisa_iou
+        from .metrics import intersection_and_union
         from .readers import load_mask
 
         target = load_mask(doc["mask"]).astype(np.int64)
