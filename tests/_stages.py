@@ -37,3 +37,75 @@ class DropEveryOther(Stage):
             kept = t.select(torch.arange(0, t.num_tokens, 2))
             out.append(dataclasses.replace(kept, embeds=kept.embeds * self.scale))
         return out
+
+
+@register_config_class
+@dataclasses.dataclass
+class AddTokensConfig(StageConfig):
+    """Adds ``tokens`` to the vocabulary (as READ's [SEG] or SEED's image codes do)."""
+
+    type = "test_add_tokens"
+    role = "head"
+    stage_class = "_stages:AddTokens"
+    tokens: tuple = ("<a1>", "<a2>")
+
+
+class AddTokens(Stage):
+    def new_tokens(self):
+        return list(self.config.tokens)
+
+    def bind_tokens(self, ids):
+        self.bound = dict(ids)
+
+
+@register_config_class
+@dataclasses.dataclass
+class HiddenSumHeadConfig(StageConfig):
+    """Head: ``outputs["visual_sum"]`` = sum of the last hidden states at visual slots per sample;
+    with ``target`` [B] given, loss += mean squared error of ``weight * visual_sum`` against it."""
+
+    type = "test_hidden_sum_head"
+    role = "head"
+    stage_class = "_stages:HiddenSumHead"
+
+
+class HiddenSumHead(Stage):
+    head_input_names = ("target",)
+    needs_hidden_states = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.weight = nn.Parameter(torch.tensor(0.5))
+
+    def head_forward(self, wrapper, batch, outputs, target=None):
+        h = outputs.hidden_states[-1]
+        visual_sum = (h * batch.visual_mask[..., None]).sum(dim=(1, 2)) * self.weight
+        outputs["visual_sum"] = visual_sum
+        if target is not None:
+            outputs["loss"] = outputs.loss + ((visual_sum - target) ** 2).mean()
+        return outputs
+
+
+@register_config_class
+@dataclasses.dataclass
+class RepeatEncoderConfig(StageConfig):
+    """Encoder: each image's tokens twice (as if two experts), so it needs 2× the processor's placeholders."""
+
+    type = "test_repeat_encoder"
+    role = "encoder"
+    stage_class = "_stages:RepeatEncoder"
+
+
+class RepeatEncoder(Stage):
+    def encode_images(self, family, pixel_values, input_ids=None, **image_kwargs):
+        from vlmkit.tokens import VisualTokens
+
+        out = []
+        for t in family.encode_images(pixel_values, input_ids, **image_kwargs):
+            embeds = torch.cat([t.embeds, t.embeds])
+            out.append(VisualTokens(embeds=embeds, index=torch.arange(embeds.shape[0]), grid=t.grid,
+                                    num_uncompressed=embeds.shape[0]))
+        return out
+
+    def placeholders_per_image(self, family):
+        return 2 * family.tokens_per_tile

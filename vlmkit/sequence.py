@@ -158,3 +158,62 @@ def assemble(
         tokens=tokens,
         padding_side=padding_side,
     )
+
+
+def resize_placeholder_runs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    old_counts: list[int],
+    new_counts: list[int],
+    placeholder_id: int,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Give image k a run of ``new_counts[k]`` placeholders instead of ``old_counts[k]`` (reading order).
+
+    For encoders whose token count differs from what the model's processor emits (e.g. MouSi experts):
+    input_ids [B, S] -> [B, S'] re-padded on the input's padding side; new slots get attention 1 and
+    label -100. Placeholders are counted in reading order, so adjacent images' runs may touch.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if len(old_counts) != len(new_counts):
+        raise ValueError(f"old_counts ({len(old_counts)} images) and new_counts ({len(new_counts)}) differ in length")
+    is_ph = (input_ids == placeholder_id) & (attention_mask != 0)
+    if int(is_ph.sum()) != sum(old_counts):
+        raise ValueError(
+            f"input_ids hold {int(is_ph.sum())} image placeholder tokens (id {placeholder_id}) but the "
+            f"{len(old_counts)} image(s) need {sum(old_counts)} ({' + '.join(map(str, old_counts)) or '0'})"
+        )
+    side = infer_padding_side(attention_mask)
+    # Per placeholder (reading order): its image and offset in the run; a run keeps its first slot's place.
+    img_of = [k for k, n in enumerate(old_counts) for _ in range(n)]
+    off_of = [i for n in old_counts for i in range(n)]
+    rows: list[tuple[list[int], list[int]]] = []
+    lab_in = labels.tolist() if labels is not None else None
+    p = 0
+    for b, (row_ids, row_mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+        ids, lab = [], []
+        for s, (tok, m) in enumerate(zip(row_ids, row_mask)):
+            if not m:
+                continue
+            if tok == placeholder_id:
+                k, off = img_of[p], off_of[p]
+                p += 1
+                if off == 0:  # the run's first slot stands for the whole resized run
+                    ids += [placeholder_id] * new_counts[k]
+                    lab += [IGNORE_INDEX] * new_counts[k]
+                continue
+            ids.append(tok)
+            lab.append(lab_in[b][s] if lab_in is not None else IGNORE_INDEX)
+        rows.append((ids, lab))
+    L = max((len(r[0]) for r in rows), default=0)
+    out_ids = torch.full((len(rows), L), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    out_mask = torch.zeros((len(rows), L), dtype=attention_mask.dtype, device=input_ids.device)
+    out_lab = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+    for b, (ids, lab) in enumerate(rows):
+        cols = slice(L - len(ids), L) if side == "left" else slice(0, len(ids))
+        out_ids[b, cols] = torch.tensor(ids, dtype=input_ids.dtype)
+        out_mask[b, cols] = 1
+        out_lab[b, cols] = torch.tensor(lab, dtype=torch.long)
+    return out_ids, out_mask, (out_lab.to(labels.dtype) if labels is not None else None)

@@ -17,12 +17,19 @@ from torch import nn
 
 from .config import StageConfig, config_from_dict
 from .families import family_for
-from .sequence import AssembledBatch, assemble
+from .sequence import AssembledBatch, assemble, resize_placeholder_runs
 from .stage import ROLES, Stage
 from .tokens import VisualTokens
 
 CONFIG_NAME = "vlmkit.json"
 WEIGHTS_NAME = "vlmkit_stages.safetensors"
+ADDED_PREFIX = "added_tokens."  # safetensors keys of the embedding rows of tokens the stages added
+
+
+def _implements(stage: nn.Module, hook: str) -> bool:
+    """Whether ``stage`` (or the active PEFT copy it forwards to) overrides ``Stage.<hook>``."""
+    method = getattr(stage, hook, None)
+    return method is not None and getattr(method, "__func__", None) is not getattr(Stage, hook)
 
 
 def _order_stages(configs: tuple[StageConfig, ...]) -> list[StageConfig]:
@@ -52,23 +59,91 @@ class VLMWrapper(nn.Module):
 
     base_model_prefix = "base_model"  # PEFT / transformers utilities look the inner model up by this name
 
-    def __init__(self, model: nn.Module, *configs: StageConfig) -> None:
+    def __init__(self, model: nn.Module, *configs: StageConfig, tokenizer=None,
+                 _expected_tokens: dict[str, int] | None = None) -> None:
         super().__init__()
         family = family_for(model)  # ValueError for unsupported models, before anything is changed
         ordered = _order_stages(configs)
         self.base_model = model
         self.family = family
+        self.tokenizer = tokenizer
+        self.added_tokens: dict[str, int] = {}
         self.stages = nn.ModuleList([c.build() for c in ordered])
+        encoders = [s.config.type for s in self.stages if _implements(s, "encode_images")]
+        if len(encoders) > 1:
+            raise ValueError(f"at most one stage may replace the image encoder, got {encoders}")
         attached: list[Stage] = []
         try:
             for stage in self.stages:
                 stage.attach(family)
                 attached.append(stage)
+            self._add_tokens(tokenizer, _expected_tokens)
         except Exception:
             for stage in reversed(attached):
                 stage.detach(family)
             raise
         self.train(model.training)  # follow the wrapped model's mode (an nn.Module starts in training mode)
+
+    def _add_tokens(self, tokenizer, expected: dict[str, int] | None) -> None:
+        """Add the stages' ``new_tokens`` to ``tokenizer``, grow the embeddings, hand the ids to the stages.
+
+        A token already in the tokenizer is a collision (ValueError) unless ``expected`` (from a save) gives
+        it that same id. Embeddings grow only when an id lies past the last row (vocabularies padded to a
+        multiple, e.g. LLaVA-1.5's 32064 rows, already hold spare rows); ``resize_token_embeddings``
+        initialises new rows from the mean and covariance of the old ones.
+        """
+        wanted = {s: s.new_tokens() for s in self.stages}
+        tokens = [t for ts in wanted.values() for t in ts]
+        if not tokens:
+            return
+        if len(set(tokens)) != len(tokens):
+            dup = sorted({t for t in tokens if tokens.count(t) > 1})
+            raise ValueError(f"stages add the same token(s) twice: {dup}")
+        if tokenizer is None:
+            needing = [s.config.type for s, ts in wanted.items() if ts]
+            raise ValueError(f"stage(s) {needing} add tokens to the vocabulary: pass the model's tokenizer, "
+                             "vlmkit.wrap(model, ..., tokenizer=tokenizer)")
+        from tokenizers import AddedToken
+
+        vocab = tokenizer.get_vocab()
+        for t in tokens:
+            if t in vocab and (expected is None or expected.get(t) != vocab[t]):
+                raise ValueError(f"token {t!r} is already in the tokenizer (id {vocab[t]}); a stage must add new "
+                                 "tokens only (choose other token strings in its config)")
+        fresh = [t for t in tokens if t not in vocab]
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in fresh])
+        ids = dict(zip(tokens, tokenizer.convert_tokens_to_ids(tokens)))
+        if expected is not None and any(expected.get(t) != i for t, i in ids.items()):
+            bad = {t: (expected.get(t), i) for t, i in ids.items() if expected.get(t) != i}
+            raise ValueError(f"the tokenizer gives the saved tokens other ids (saved, now): {bad}; "
+                             "load with the tokenizer the stages were saved with")
+        rows = self.family.model.get_input_embeddings().weight.shape[0]
+        if max(ids.values()) >= rows:
+            self.family.model.resize_token_embeddings(max(ids.values()) + 1)
+        self.added_tokens = ids
+        for stage, ts in wanted.items():
+            if ts:
+                stage.bind_tokens({t: ids[t] for t in ts})
+
+    def _added_rows(self) -> dict[str, torch.Tensor]:
+        """The embedding rows (input, and output unless tied) of the added tokens, for saving."""
+        if not self.added_tokens:
+            return {}
+        ids = torch.tensor(list(self.added_tokens.values()))
+        inner = self.family.model
+        out = {ADDED_PREFIX + "input": inner.get_input_embeddings().weight[ids]}
+        head = inner.get_output_embeddings()
+        if head is not None and head.weight is not inner.get_input_embeddings().weight:
+            out[ADDED_PREFIX + "output"] = head.weight[ids]
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def _load_added_rows(self, state: dict[str, torch.Tensor]) -> None:
+        ids = torch.tensor(list(self.added_tokens.values()))
+        inner = self.family.model
+        for key, module in (("input", inner.get_input_embeddings()), ("output", inner.get_output_embeddings())):
+            if ADDED_PREFIX + key in state:
+                module.weight[ids] = state[ADDED_PREFIX + key].to(module.weight)
 
     # --- HF-like surface ------------------------------------------------------------------------
     @property
@@ -92,6 +167,14 @@ class VLMWrapper(nn.Module):
     def stages_of(self, role: str) -> list[Stage]:
         return [s for s in self.stages if s.role == role]
 
+    def _stage_with(self, method: str, example: str) -> Stage:
+        """The one stage that defines ``method``; ValueError naming what to wrap with otherwise."""
+        found = [s for s in self.stages if callable(getattr(s, method, None))]
+        if len(found) != 1:
+            raise ValueError(f"{method}() needs exactly one stage that provides it, found {len(found)}; "
+                             f"wrap the model with e.g. {example}")
+        return found[0]
+
     # --- pipeline -------------------------------------------------------------------------------
     def encode_visual(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None, **image_kwargs
@@ -100,13 +183,21 @@ class VLMWrapper(nn.Module):
 
         ``input_ids`` are needed only to group the tiles of tiled families into images.
         """
+        encoder = self._encoder()
         with contextlib.ExitStack() as stack:
             for stage in self.stages:
                 stack.enter_context(stage.vision_context(self.family))
-            tokens = self.family.encode_images(pixel_values, input_ids, **image_kwargs)
+            tokens = None if encoder is None else encoder.encode_images(self.family, pixel_values, input_ids,
+                                                                        **image_kwargs)
+            if tokens is None:
+                tokens = self.family.encode_images(pixel_values, input_ids, **image_kwargs)
             for stage in self.stages_of("compressor"):
                 tokens = stage.compress(tokens)
         return tokens
+
+    def _encoder(self) -> Stage | None:
+        found = [s for s in self.stages if _implements(s, "encode_images")]
+        return found[0] if found else None
 
     def assemble(
         self,
@@ -121,10 +212,28 @@ class VLMWrapper(nn.Module):
         if input_ids is None:
             raise ValueError("vlmkit needs input_ids (with image placeholders) when pixel_values are given")
         tokens = [] if pixel_values is None else self.encode_visual(pixel_values, input_ids, **image_kwargs)
+        input_ids, attention_mask, labels = self._resize_placeholders(
+            input_ids, attention_mask, labels, tokens, 0 if pixel_values is None else pixel_values.shape[0])
         return assemble(
             input_ids, attention_mask, labels, tokens, self.family.embed,
             self.family.placeholder_id, self.family.pad_token_id, padding_side,
         )
+
+    def _resize_placeholders(self, input_ids, attention_mask, labels, tokens: list[VisualTokens], num_tiles: int):
+        """Resize the processor's placeholder runs to the encoder stage's token count (MouSi experts)."""
+        encoder = self._encoder()
+        per_image = None if encoder is None or not tokens else encoder.placeholders_per_image(self.family)
+        if per_image is None:
+            return input_ids, attention_mask, labels
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        present = int(((input_ids == self.family.placeholder_id) & (attention_mask != 0)).sum())
+        if present == per_image * len(tokens):
+            return input_ids, attention_mask, labels  # the prompt already has the encoder's count
+        tiles = self.family.tiles_per_image(input_ids, num_tiles)
+        old = [self.family.tokens_per_tile * n for n in tiles]
+        return resize_placeholder_runs(input_ids, attention_mask, labels, old, [per_image] * len(tokens),
+                                       self.family.placeholder_id, self.family.pad_token_id)
 
     def _split_image_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {k: kwargs.pop(k) for k in self.family.image_kwarg_names if kwargs.get(k) is not None}
@@ -142,8 +251,16 @@ class VLMWrapper(nn.Module):
                 stack.enter_context(stage.language_context(self.family, batch))
             yield
 
+    def run_language_model(self, batch: AssembledBatch, **kwargs):
+        """Run the wrapped model's decoder on an assembled batch (stage positions and contexts applied)."""
+        with self._language_context(batch):
+            return self.base_model(**self._language_inputs(batch), **kwargs)
+
+    def _heads(self) -> list[Stage]:
+        return [s for s in self.stages if _implements(s, "head_forward")]
+
     def _passthrough(self, pixel_values) -> bool:
-        return pixel_values is None and not self.stages_of("position")
+        return pixel_values is None and not self.stages_of("position") and not self._heads()
 
     def forward(
         self,
@@ -153,15 +270,26 @@ class VLMWrapper(nn.Module):
         labels: torch.Tensor | None = None,
         **kwargs,
     ):
-        """HF-style forward; ``.loss`` when ``labels`` [B, S] are given (visual slots never count)."""
+        """HF-style forward; ``.loss`` when ``labels`` [B, S] are given (visual slots never count).
+
+        Head stages (READ, PMP, …) take their extra inputs (``head_input_names``, e.g. ``masks``) from
+        ``kwargs`` and may add outputs and replace ``loss`` with their combined loss.
+        """
+        heads = self._heads()
+        head_inputs = {n: kwargs.pop(n) for h in heads for n in h.head_input_names if n in kwargs}
         if self._passthrough(pixel_values):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         if kwargs.get("position_ids") is not None or kwargs.get("inputs_embeds") is not None:
             raise ValueError("position_ids / inputs_embeds cannot be combined with vlmkit's image pipeline")
         image_kwargs = self._split_image_kwargs(kwargs)
         batch = self.assemble(input_ids, pixel_values, attention_mask, labels, **image_kwargs)
-        with self._language_context(batch):
-            return self.base_model(**self._language_inputs(batch), labels=batch.labels, **kwargs)
+        if any(h.needs_hidden_states for h in heads):
+            kwargs["output_hidden_states"] = True
+        outputs = self.run_language_model(batch, labels=batch.labels, **kwargs)
+        for head in heads:
+            given = {n: head_inputs[n] for n in head.head_input_names if head_inputs.get(n) is not None}
+            outputs = head.head_forward(self, batch, outputs, **given)
+        return outputs
 
     @torch.no_grad()
     def generate(
@@ -194,11 +322,17 @@ class VLMWrapper(nn.Module):
 
         ``image_sizes`` are (H, W) per answer (or taken from ``images``); returns the head's results.
         """
-        heads = [s for s in self.stages_of("head") if hasattr(s, "masks_from_text")]
-        if len(heads) != 1:
-            raise ValueError(f"masks_from_text needs exactly one text-parsing head stage, found {len(heads)}; "
-                             "wrap the model with e.g. vlmkit.Text4SegConfig()")
-        return heads[0].masks_from_text(texts, image_sizes=image_sizes, images=images)
+        head = self._stage_with("masks_from_text", "vlmkit.Text4SegConfig()")
+        return head.masks_from_text(texts, image_sizes=image_sizes, images=images)
+
+    def segment(self, *args, **kwargs):
+        """Masks from a mask-producing head (READ: one mask per generated ``[SEG]``); see the head's ``segment``."""
+        return self._stage_with("segment", "vlmkit.READConfig(...)").segment(self, *args, **kwargs)
+
+    def generate_image_tokens(self, *args, **kwargs):
+        """Image codes generated after a text prompt (SEED); see the stage's ``generate_image_tokens``."""
+        return self._stage_with("generate_image_tokens", "vlmkit.SEEDConfig()").generate_image_tokens(
+            self, *args, **kwargs)
 
     # --- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, save_base_model: bool = False) -> None:
@@ -216,25 +350,34 @@ class VLMWrapper(nn.Module):
             "model_type": self.family.model_type,
             "base_model": getattr(self.config, "_name_or_path", "") or "",
             "stages": [c.to_dict() for c in self.stage_configs],
+            "added_tokens": self.added_tokens,
         }
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2)
         state = {k: v.detach().contiguous() for k, v in self.stages.state_dict().items()}
+        state.update(self._added_rows())
         if state:
             save_file(state, os.path.join(path, WEIGHTS_NAME))
         if save_base_model:
             self.base_model.save_pretrained(path)
 
 
-def wrap(model: nn.Module, *configs: StageConfig) -> VLMWrapper:
-    """Wrap a loaded ``transformers`` VLM with vlmkit stages; no configs = identity."""
+def wrap(model: nn.Module, *configs: StageConfig, tokenizer=None) -> VLMWrapper:
+    """Wrap a loaded ``transformers`` VLM with vlmkit stages; no configs = identity.
+
+    ``tokenizer`` is needed when a stage adds tokens (READ's ``[SEG]``, SEED's image codes): they are
+    added to it and the model's embeddings grow to match (kept by ``unwrap``).
+    """
     if isinstance(model, VLMWrapper):
         raise ValueError("the model is already wrapped; wrap the original (vlmkit.unwrap(model)) instead")
-    return VLMWrapper(model, *configs)
+    return VLMWrapper(model, *configs, tokenizer=tokenizer)
 
 
 def unwrap(wrapped: VLMWrapper) -> nn.Module:
-    """Remove every stage (hooks, patches) and return the original model object."""
+    """Remove every stage (hooks, patches) and return the original model object.
+
+    Tokens a stage added stay in the tokenizer and their embedding rows in the model.
+    """
     if not isinstance(wrapped, VLMWrapper):
         raise TypeError(f"unwrap() takes a VLMWrapper, got {type(wrapped).__name__}")
     for stage in reversed(list(wrapped.stages)):
@@ -254,10 +397,13 @@ def read_saved(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(path_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike | None = None, **model_kwargs):
+def load(path_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike | None = None, tokenizer=None,
+         **model_kwargs):
     """Re-apply saved stages. ``load(model, path)`` wraps a loaded model; ``load(path)`` also loads the
     base model saved there (``save_pretrained(..., save_base_model=True)``) with ``from_pretrained``.
 
+    ``tokenizer``: needed when the stages added tokens; they get the saved ids (or the tokenizer must
+    already hold them at those ids) and their saved embedding rows.
     ``model_kwargs`` go to ``from_pretrained`` (``trust_remote_code`` stays False unless given).
     """
     from safetensors.torch import load_file
@@ -273,10 +419,15 @@ def load(path_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike |
         model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
     meta = read_saved(path)
     configs = [config_from_dict(d) for d in meta["stages"]]
-    wrapped = wrap(model, *configs)
+    if isinstance(model, VLMWrapper):
+        raise ValueError("the model is already wrapped; load onto the original (vlmkit.unwrap(model)) instead")
+    wrapped = VLMWrapper(model, *configs, tokenizer=tokenizer, _expected_tokens=meta.get("added_tokens") or None)
     weights = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(weights):
-        missing, unexpected = wrapped.stages.load_state_dict(load_file(weights), strict=False)
+        state = load_file(weights)
+        added = {k: state.pop(k) for k in list(state) if k.startswith(ADDED_PREFIX)}
+        missing, unexpected = wrapped.stages.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights} does not match the stages: missing {missing}, unexpected {unexpected}")
+        wrapped._load_added_rows(added)
     return wrapped

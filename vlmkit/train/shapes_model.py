@@ -10,8 +10,11 @@ Choices (see the model card written next to the weights):
   it training sits at chance for many minutes (the feasibility run in issue 7).
 - Several question–answer turns per image in one sequence (loss on answers only) and a short curriculum
   (at most 2 shapes first).
-- Text4Seg answers at the reference 16×16 grid with the reference templates; the label of foreground
-  cells is the referring expression.
+- Text4Seg answers on an 8×8 grid, the visual-token grid, with the reference templates; the label of
+  foreground cells is the referring expression. The reference grid is 16×16 (24×24 visual tokens in
+  LLaVA-1.5); at 64 px a 16×16 grid has 4-pixel cells, finer than a patch, and two runs at 16×16
+  learned only all-background answers in the time a CPU gives. The grid is saved with the model
+  (``vlmkit.json``: a Text4Seg head with ``grid=8``), so ``vlmkit.load`` decodes with it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 
 from ..data.shapes import COLORS, SHAPES, ShapesSample, generate, generate_one
 
-GRID = 16
+GRID = 8  # Text4Seg grid of the shipped model: one cell per visual token (see the module docstring)
 PROMPT = "user : {image} {question} assistant :"
 TURN_SEP = "</s>"
 
@@ -108,13 +111,14 @@ def refseg_turn(sample: ShapesSample, rng: np.random.Generator, grid: int = GRID
     return question, wrap_answer(sentence, encode_rrle(labels)), ref["object_index"]
 
 
-def conversation(sample: ShapesSample, rng: np.random.Generator, refseg_prob: float) -> list[tuple[str, str]]:
+def conversation(sample: ShapesSample, rng: np.random.Generator, refseg_prob: float,
+                 grid: int = GRID) -> list[tuple[str, str]]:
     """The (question, answer) turns trained on one image: its VQA questions and maybe one refseg turn,
     in random order. Every kind of question must also be the first turn, as at inference: a first run
     that always put the refseg turn last learned to answer it, first, with one word and the end token."""
     turns = [(q["question"], q["answer"]) for q in sample.questions]
     if sample.refs and rng.random() < refseg_prob:
-        q, a, _ = refseg_turn(sample, rng)
+        q, a, _ = refseg_turn(sample, rng, grid)
         turns.append((q, a))
     order = rng.permutation(len(turns))
     return [turns[i] for i in order]
@@ -246,11 +250,17 @@ def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch
 
 
 def _save(model, processor, out_dir: str | Path, log: list, start: float) -> float:
-    """Write weights (safetensors), processor files and the training log; return minutes since ``start``."""
+    """Write weights (safetensors), processor files, ``vlmkit.json`` (the Text4Seg head and its grid) and
+    the training log; return minutes since ``start``."""
+    import vlmkit
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    wrapped = vlmkit.wrap(model, vlmkit.Text4SegConfig(grid=GRID))
+    wrapped.save_pretrained(out_dir)  # vlmkit.json only: the head has no weights, the base model is saved above
+    vlmkit.unwrap(wrapped)
     minutes = (time.time() - start) / 60
     (out_dir / "training_log.json").write_text(json.dumps({"minutes": minutes, "log": log}, indent=1))
     return minutes
@@ -319,7 +329,7 @@ def write_model_card(out_dir: str | Path, arch: TinyArch, train_info: dict, metr
 
 The embedded default model of vlmkit: a `LlavaForConditionalGeneration` (real transformers classes) with
 random initialisation, trained from scratch on the synthetic `shapes` benchmark to answer its questions
-and to emit Text4Seg R-RLE descriptors (16×16 grid) for referring expressions. Tokenizer: a local
+and to emit Text4Seg R-RLE descriptors ({GRID}×{GRID} grid) for referring expressions. Tokenizer: a local
 word-level vocabulary (`vlmkit.testing.build_tokenizer`). Prompt: `user : <image> QUESTION assistant :`.
 
 ## Architecture
