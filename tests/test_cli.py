@@ -40,3 +40,21 @@ def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["nope"])
     assert main([]) == 2
+
+
+def test_saved_text4seg_grid_reaches_the_harness_and_demo(tmp_path):
+    """A checkpoint saved with a Text4Seg head (as the shipped model is) is evaluated with that head,
+    next to the compressors asked for."""
+    import vlmkit
+    from vlmkit.demo import _text4seg_config
+    from vlmkit.evaluation.runner import load_model
+    from vlmkit.testing import tiny_vlm
+
+    model, processor = tiny_vlm("llava", seed=0)
+    vlmkit.wrap(model, vlmkit.Text4SegConfig(grid=8)).save_pretrained(tmp_path, save_base_model=True)
+    processor.save_pretrained(tmp_path)
+    assert _text4seg_config(str(tmp_path)).grid == 8
+    assert _text4seg_config(None).grid == 16
+    loaded = load_model(str(tmp_path), compress=["fopru:0.5"])
+    assert [(c["type"], c.get("grid")) for c in loaded.stage_configs] == [("fopru", None), ("text4seg", 8)]
+    assert loaded.text4seg_head.config.grid == 8

@@ -147,3 +147,16 @@ def test_single_stage_delegation_errors(tiny):
         wrapped.generate_image_tokens("a")
     with pytest.raises(ValueError, match="at most one stage may replace the image encoder"):
         vlmkit.wrap(model, RepeatEncoderConfig(), RepeatEncoderConfig())
+
+
+def test_load_with_extra_stages_keeps_saved_weights(tmp_path, family):
+    model, _ = tiny_vlm(family, seed=0)
+    wrapped = vlmkit.wrap(model, HiddenSumHeadConfig())
+    with torch.no_grad():
+        wrapped.stages[0].weight.fill_(1.25)
+    wrapped.save_pretrained(tmp_path)
+    fresh, _ = tiny_vlm(family, seed=0)
+    loaded = vlmkit.load(fresh, tmp_path, extra=[DropEveryOtherConfig(scale=2.0)])
+    assert [c.type for c in loaded.stage_configs] == ["test_drop_every_other", "test_hidden_sum_head"]
+    assert float(loaded.stages[1].weight) == 1.25  # the saved head moved from index 0 to 1
+    assert float(loaded.stages[0].scale) == 2.0  # the extra stage starts from its config

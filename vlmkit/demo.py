@@ -32,19 +32,39 @@ SWEEP_METHODS = {
 
 
 def load_default(model_path: str | None = None):
-    """(model, processor, description): ``model_path``, else the shipped model, else a tiny random one."""
+    """(model, processor, description, spec): ``model_path``, else the shipped model, else a tiny random one.
+
+    ``spec`` is what the evaluation harness loads: the checkpoint path (so a saved ``vlmkit.json``, e.g. the
+    shipped model's Text4Seg grid, is applied), or the ``(model, processor)`` pair of the random model.
+    """
     path = Path(model_path) if model_path else SHIPPED
     if (path / "config.json").is_file():
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
-        return model, AutoProcessor.from_pretrained(path), str(path)
+        processor = AutoProcessor.from_pretrained(path)
+        return model, processor, str(path), str(path)
     if model_path:
         raise FileNotFoundError(f"no config.json in --model {model_path!r}")
     from .testing import tiny_vlm
 
     model, processor = tiny_vlm("llava", seed=0)
-    return model, processor, "tiny random-weight LLaVA (no shipped model found: numbers are not meaningful)"
+    return (model, processor, "tiny random-weight LLaVA (no shipped model found: numbers are not meaningful)",
+            (model, processor))
+
+
+def _text4seg_config(spec):
+    """The Text4Seg head saved with a checkpoint (``vlmkit.json``), else the reference 16×16 grid."""
+    from .seg.text4seg import Text4SegConfig
+
+    if isinstance(spec, str) and (Path(spec) / "vlmkit.json").is_file():
+        from .config import config_from_dict
+        from .wrapper import read_saved
+
+        for d in read_saved(spec)["stages"]:
+            if d.get("type") == "text4seg":
+                return config_from_dict(d)
+    return Text4SegConfig(grid=16)
 
 
 def _score(results: dict, task: str, metric: str) -> float | None:
@@ -52,11 +72,11 @@ def _score(results: dict, task: str, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _run(model, processor, tasks, compress, position, data_root, limit, quiet) -> dict:
+def _run(spec, tasks, compress, position, data_root, limit, quiet) -> dict:
     from .evaluation import evaluate
 
     start = time.perf_counter()
-    res = evaluate((model, processor), tasks, compress=compress, position=position, data_root=data_root,
+    res = evaluate(spec, tasks, compress=compress, position=position, data_root=data_root,
                    limit=limit, batch_size=32, quiet=quiet)
     res["demo_seconds"] = time.perf_counter() - start
     return res
@@ -75,7 +95,7 @@ def _row(label: str, res: dict) -> dict:
     }
 
 
-def _pictures(model, processor, out: Path, data_root: Path, n_overlays: int = 4) -> list[Path]:
+def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: int = 4) -> list[Path]:
     """A FoPru pruning map and Text4Seg mask overlays of the first referring expressions."""
     import numpy as np
 
@@ -83,7 +103,6 @@ def _pictures(model, processor, out: Path, data_root: Path, n_overlays: int = 4)
 
     from .compress.fopru import FoPruConfig
     from .data.shapes import generate
-    from .seg.text4seg import Text4SegConfig
     from .train.shapes_model import PROMPT, refseg_turn
     from .viz import mask_overlay, pruning_map
 
@@ -96,7 +115,7 @@ def _pictures(model, processor, out: Path, data_root: Path, n_overlays: int = 4)
     written.append(out / "pruning_map.png")
     vlmkit.unwrap(wrapped)
 
-    wrapped = vlmkit.wrap(model, Text4SegConfig(grid=16))
+    wrapped = vlmkit.wrap(model, _text4seg_config(spec))
     rng = np.random.default_rng(0)
     turns = [refseg_turn(s, rng) for s in samples]
     processor.tokenizer.padding_side = "left"
@@ -124,20 +143,20 @@ def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
-    model, processor, description = load_default(model_path)
+    model, processor, description, spec = load_default(model_path)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print(f"model: {description}")
     rows = []
     for label, compress, position in MAIN_ROWS:
-        res = _run(model, processor, "shapes_vqa,shapes_refseg", compress, position, data_root, limit, quiet)
+        res = _run(spec, "shapes_vqa,shapes_refseg", compress, position, data_root, limit, quiet)
         rows.append(_row(label, res))
     sweep: dict[str, list[float]] = {}
-    for method, spec in SWEEP_METHODS.items():
+    for method, method_spec in SWEEP_METHODS.items():
         sweep[method] = []
         for keep in SWEEP_KEEP:
-            res = _run(model, processor, "shapes_vqa", [spec.format(k=keep)], None, data_root, sweep_limit, quiet)
+            res = _run(spec, "shapes_vqa", [method_spec.format(k=keep)], None, data_root, sweep_limit, quiet)
             sweep[method].append(_score(res, "shapes_vqa", "vqa_accuracy"))
-    pictures = _pictures(model, processor, out, data_root)
+    pictures = _pictures(model, processor, spec, out, data_root)
     line_plot(SWEEP_KEEP, sweep, title="shapes VQA accuracy vs kept visual tokens", xlabel="keep ratio",
               ylabel="VQA accuracy").save(out / "accuracy_vs_keep.png")
     pictures.append(out / "accuracy_vs_keep.png")

@@ -398,12 +398,13 @@ def read_saved(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(path_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike | None = None, tokenizer=None,
-         **model_kwargs):
+         extra: tuple[StageConfig, ...] | list[StageConfig] = (), **model_kwargs):
     """Re-apply saved stages. ``load(model, path)`` wraps a loaded model; ``load(path)`` also loads the
     base model saved there (``save_pretrained(..., save_base_model=True)``) with ``from_pretrained``.
 
     ``tokenizer``: needed when the stages added tokens; they get the saved ids (or the tokenizer must
     already hold them at those ids) and their saved embedding rows.
+    ``extra``: more stage configs to wrap with, next to the saved ones (e.g. a compressor to evaluate).
     ``model_kwargs`` go to ``from_pretrained`` (``trust_remote_code`` stays False unless given).
     """
     from safetensors.torch import load_file
@@ -421,13 +422,19 @@ def load(path_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike |
     configs = [config_from_dict(d) for d in meta["stages"]]
     if isinstance(model, VLMWrapper):
         raise ValueError("the model is already wrapped; load onto the original (vlmkit.unwrap(model)) instead")
-    wrapped = VLMWrapper(model, *configs, tokenizer=tokenizer, _expected_tokens=meta.get("added_tokens") or None)
+    wrapped = VLMWrapper(model, *configs, *extra, tokenizer=tokenizer,
+                         _expected_tokens=meta.get("added_tokens") or None)
     weights = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(weights):
         state = load_file(weights)
         added = {k: state.pop(k) for k in list(state) if k.startswith(ADDED_PREFIX)}
-        missing, unexpected = wrapped.stages.load_state_dict(state, strict=False)
+        # saved stage i sits at index where[i] once the extra stages are sorted in by role
+        where = {i: next(j for j, s in enumerate(wrapped.stages) if s.config is c) for i, c in enumerate(configs)}
+        state = {f"{where[int(k.split('.', 1)[0])]}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+        own = {f"{j}.{k}" for j in where.values() for k in wrapped.stages[j].state_dict()}
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
         if missing or unexpected:
             raise ValueError(f"{weights} does not match the stages: missing {missing}, unexpected {unexpected}")
+        wrapped.stages.load_state_dict(state, strict=False)
         wrapped._load_added_rows(added)
     return wrapped
