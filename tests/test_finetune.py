@@ -315,3 +315,45 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(shapes_json, tmp_path,
     log_a, log_b = _log(reference), _log(killed)
     assert [e["step"] for e in log_b] == list(range(1, 15))
     assert all(abs(x["loss"] - y["loss"]) <= 1e-5 for x, y in zip(log_a, log_b))
+
+
+def _refseg_read_json(tmp_path: Path) -> Path:
+    """Shapes referring expressions as LISA-style records: "[SEG]" answers and one mask PNG per record."""
+    from PIL import Image
+
+    from vlmkit.data.shapes import generate
+
+    records = []
+    for s in generate(4, seed=0, size=32):
+        for ref in s.refs[:1]:
+            img, mask = tmp_path / f"{s.image_id}.png", tmp_path / f"{s.image_id}_mask.png"
+            s.image.save(img)
+            Image.fromarray(s.objects[ref["object_index"]].mask.astype("uint8") * 255).save(mask)
+            records.append({"id": str(s.image_id), "image": img.name, "masks": [mask.name], "conversations": [
+                {"from": "human", "value": f"<image>\nplease segment the {ref['sentence']} in this image ."},
+                {"from": "gpt", "value": "sure , [SEG] ."}]})
+    path = tmp_path / "refseg_read.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_finetune_trains_a_read_head_on_masks_and_reloads(tmp_path, one_thread, capsys):
+    data = _refseg_read_json(tmp_path)
+    out = tmp_path / "out"
+    _finetune("--recipe", "lisa", "--model", "tiny:llava", "--data", data, "--output", out,
+              "--wrap", "read:sam=tiny,down_sample=1", "--max-steps", 6, "--batch-size", 4, "--lr", 1e-3)
+    log = _log(out)
+    assert log[-1]["loss"] < log[0]["loss"]  # CE + 2·BCE + 0.5·Dice on the same full batch
+    tuned = load_finetuned(out, "tiny:llava")
+    assert "[SEG]" in tuned.added_tokens and [c.type for c in tuned.stage_configs] == ["read"]
+    # the SAM mask decoder moves only through the mask losses: the masks reached the head
+    from vlmkit.seg.read import READConfig
+
+    model, processor = tiny_vlm("llava", seed=0)
+    fresh = vlmkit.wrap(model, READConfig(sam="tiny", down_sample=1), tokenizer=processor.tokenizer)
+    before, after = fresh.stages[0].mask_decoder.state_dict(), tuned.stages[0].mask_decoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the data without a head is refused before training
+    assert cli_main(["--recipe", "lora", "--model", "tiny:llava", "--data", str(data), "--output",
+                     str(tmp_path / "bad"), "--max-steps", "1", "--quiet"]) != 0
+    assert "no segmentation head" in capsys.readouterr().err

@@ -27,6 +27,16 @@ _EXPORTS = {
     "V2PEConfig": "vlmkit.position.v2pe",
     "MouSiPositionConfig": "vlmkit.position.mousi",
     "Text4SegConfig": "vlmkit.seg.text4seg",
+    "READConfig": "vlmkit.seg.read",
+    "PMPConfig": "vlmkit.seg.pmp",
+    "PMPDecoder": "vlmkit.seg.pmp",
+    "FrozenSegConfig": "vlmkit.seg.frozenseg",
+    "FrozenSeg": "vlmkit.seg.frozenseg",
+    "build_frozenseg": "vlmkit.seg.frozenseg",
+    "SEEDConfig": "vlmkit.vision.seed",
+    "SeedTokenizer": "vlmkit.vision.seed",
+    "train_seed_tokenizer": "vlmkit.vision.seed",
+    "load_seed_checkpoint": "vlmkit.vision.seed",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

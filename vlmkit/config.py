@@ -20,6 +20,9 @@ _CONFIG_PATHS: dict[str, str] = {
     "v2pe": "vlmkit.position.v2pe:V2PEConfig",
     "mousi_position": "vlmkit.position.mousi:MouSiPositionConfig",
     "text4seg": "vlmkit.seg.text4seg:Text4SegConfig",
+    "read": "vlmkit.seg.read:READConfig",
+    "pmp": "vlmkit.seg.pmp:PMPConfig",
+    "seed": "vlmkit.vision.seed:SEEDConfig",
 }
 _CONFIG_CLASSES: dict[str, type["StageConfig"]] = {}
 

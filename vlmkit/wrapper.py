@@ -60,7 +60,7 @@ class VLMWrapper(nn.Module):
     base_model_prefix = "base_model"  # PEFT / transformers utilities look the inner model up by this name
 
     def __init__(self, model: nn.Module, *configs: StageConfig, tokenizer=None,
-                 _expected_tokens: dict[str, int] | None = None) -> None:
+                 _expected_tokens: dict[str, int] | None = None, _stages: list[Stage] | None = None) -> None:
         super().__init__()
         family = family_for(model)  # ValueError for unsupported models, before anything is changed
         ordered = _order_stages(configs)
@@ -68,7 +68,8 @@ class VLMWrapper(nn.Module):
         self.family = family
         self.tokenizer = tokenizer
         self.added_tokens: dict[str, int] = {}
-        self.stages = nn.ModuleList([c.build() for c in ordered])
+        # _stages: modules built for these configs by an earlier wrapper (already detached), reused as they are
+        self.stages = nn.ModuleList(_stages if _stages is not None else [c.build() for c in ordered])
         encoders = [s.config.type for s in self.stages if _implements(s, "encode_images")]
         if len(encoders) > 1:
             raise ValueError(f"at most one stage may replace the image encoder, got {encoders}")

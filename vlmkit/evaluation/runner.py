@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 from ..config import parse_stage_spec
 
 __all__ = ["evaluate", "cli_main", "parse_stage_spec", "parse_gen_kwargs", "load_model", "generate_batch",
-           "build_input_text", "load_docs", "LoadedModel"]
+           "segment_batch", "build_input_text", "load_docs", "LoadedModel"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +106,11 @@ class LoadedModel:
     def text4seg_head(self):
         return next((s for s in self.wrapped.stages_of("head") if getattr(s.config, "type", "") == "text4seg"), None)
 
+    @property
+    def mask_head(self):
+        """The stage that produces masks itself (``segment``, e.g. READ), or None."""
+        return next((s for s in self.wrapped.stages if callable(getattr(s, "segment", None))), None)
+
 
 def _sanitize(name: str) -> str:
     """lmms-eval style: path separators and odd characters → ``__``."""
@@ -130,7 +135,7 @@ def load_model(
 
     ``model``: ``"tiny:<family>"`` (``vlmkit.testing.tiny_vlm``), a local checkpoint path
     (``AutoModelForImageTextToText`` + ``AutoProcessor``, ``trust_remote_code=False``; a vlmkit save
-    directory re-applies its stages with ``vlmkit.load``), a ``(model, processor)`` pair, a HF model or
+    directory re-applies its stages with ``vlmkit.load``, plus ``compress`` / ``position``), a ``(model, processor)`` pair, a HF model or
     a ``VLMWrapper`` (then ``processor`` is required). ``compress`` / ``position``: stage specs
     (``"fopru:0.25"``) or configs.
     """
@@ -161,8 +166,9 @@ def load_model(
             if dtype not in (None, "auto"):
                 kwargs["dtype"] = getattr(torch, dtype)
             processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
-            if os.path.isfile(os.path.join(model, CONFIG_NAME)):
-                model = load_saved(model, **kwargs)
+            if os.path.isfile(os.path.join(model, CONFIG_NAME)):  # a vlmkit save: its stages plus the asked ones
+                model = load_saved(model, tokenizer=processor.tokenizer, extra=configs, **kwargs)
+                configs = []
             else:
                 model = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
     else:
@@ -290,6 +296,49 @@ def generate_batch(
         n_gen = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
         results.append({"raw": text, "output": apply_until(text, gen.get("until")), "visual_tokens": int(visual[i]),
                         "prefill_tokens": int(prefill[i]), "generated_tokens": int(n_gen)})
+    return results
+
+
+def segment_batch(
+    loaded: LoadedModel, images: Sequence[Any], texts: Sequence[str], gen: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Like ``generate_batch`` for a model with a mask-producing head: the answers come from the wrapper's
+    ``segment`` (generation, then the head's masks), and each result also holds ``"masks"`` (bool
+    [n, H, W] at the image's size). Token counts come from the batch ``generate`` fed the language model."""
+    import torch
+
+    if loaded.mask_head is None:
+        raise ValueError("this task's parser needs masks from a mask-producing head (e.g. vlmkit.READConfig); "
+                         "the evaluated model has none")
+    tok = loaded.processor.tokenizer
+    nested = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    if any(len(n) != 1 for n in nested):
+        raise ValueError("mask-producing heads take exactly one image per sample")
+    wrapped = loaded.wrapped
+    captured: list[Any] = []
+    original = wrapped.assemble
+
+    def capture(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        captured.append(batch)
+        return batch
+
+    kwargs = _generate_kwargs(gen, tok)
+    wrapped.assemble = capture  # the first assembled batch is the prompt generate() prefills
+    try:
+        with torch.no_grad():
+            masks, raw = wrapped.segment([n[0] for n in nested], list(texts), processor=loaded.processor,
+                                         return_text=True, **kwargs)
+    finally:
+        del wrapped.assemble
+    prompt, full = captured[0], captured[-1]  # generate's prompt; the head's pass over prompt + answer
+    visual = prompt.visual_tokens_per_sample
+    prefill = prompt.attention_mask.sum(dim=1).tolist()
+    answer = (full.attention_mask.sum(dim=1) - prompt.attention_mask.sum(dim=1)).tolist()  # tokens before eos
+    results = []
+    for i, text in enumerate(raw):
+        results.append({"raw": text, "output": apply_until(text, gen.get("until")), "visual_tokens": int(visual[i]),
+                        "prefill_tokens": int(prefill[i]), "generated_tokens": int(answer[i]), "masks": masks[i]})
     return results
 
 
@@ -561,7 +610,8 @@ def _task_results(task, records: list[dict[str, Any]]) -> tuple[dict[str, Any], 
 def _score_sample(task, parser, scorers, doc, gen_out, prompt, image, head) -> dict[str, Any]:
     from .tasks import SampleContext
 
-    ctx = SampleContext(doc=doc, image=image, image_size=(image.height, image.width), head=head)
+    ctx = SampleContext(doc=doc, image=image, image_size=(image.height, image.width), head=head,
+                        masks=gen_out.get("masks"))
     parsed = parser(gen_out["output"], ctx)
     scores: dict[str, Any] = {}
     for scorer in scorers:
@@ -732,7 +782,8 @@ def _run(loaded, task_cfgs, output, dist, root, overrides, *, batch_size, limit,
                 batch = todo[start:start + batch_size]
                 images = [load_image(d, f"task {task.task!r}: ") for d in batch]
                 prompts = [build_input_text(loaded.processor, render_prompt(task, d), prompt_style) for d in batch]
-                outs = generate_batch(loaded, images, prompts, gen)
+                predict = segment_batch if getattr(parser, "needs_masks", False) else generate_batch
+                outs = predict(loaded, images, prompts, gen)
                 recs = [_score_sample(task, parser, scorers, d, o, p, im, head)
                         for d, o, p, im in zip(batch, outs, prompts, images)]
                 if fh is not None:

@@ -71,6 +71,7 @@ class SampleContext:
     image: Any = None
     image_size: tuple[int, int] | None = None
     head: Any = None
+    masks: Any = None  # bool [n, H, W]: a mask-producing head's masks for this answer (READ: one per [SEG])
 
 
 @dataclasses.dataclass
@@ -212,6 +213,41 @@ class Text4SegSemanticParser:
         return Parsed(value, out)
 
 
+class MaskHeadParser:
+    """Masks of a mask-producing head (``VLMWrapper.segment``, e.g. READ / LISA: one mask per ``[SEG]``
+    in the answer) → one binary mask at the image's original size.
+
+    ``combine``: ``"first"`` takes the first ``[SEG]``'s mask (READ's ``evaluate``: ``pred_mask[0]``),
+    ``"union"`` the union of all of them. An answer without ``[SEG]`` gives an empty mask ("no object").
+    The runner predicts with ``segment`` instead of ``generate`` for tasks with this parser
+    (``needs_masks``). Stored value: the number of masks and the foreground pixels of the result.
+    """
+
+    needs_masks = True
+    COMBINE = ("first", "union")
+
+    def __init__(self, combine: str = "first") -> None:
+        if combine not in self.COMBINE:
+            raise ValueError(f"mask_head combine must be one of {list(self.COMBINE)}, got {combine!r}")
+        self.combine = combine
+
+    def __call__(self, text: str, ctx: SampleContext) -> Parsed:
+        if ctx.image_size is None:
+            raise ValueError("the mask_head parser needs the image size")
+        if ctx.masks is None:
+            raise ValueError("the mask_head parser needs masks from a mask-producing head: evaluate a model wrapped "
+                             "with one (e.g. vlmkit.READConfig), whose segment() the runner then calls")
+        masks = np.asarray(ctx.masks.cpu() if hasattr(ctx.masks, "cpu") else ctx.masks, dtype=bool)
+        size = tuple(ctx.image_size)
+        if masks.ndim != 3 or masks.shape[1:] != size:
+            raise ValueError(f"mask_head: expected masks [n, {size[0]}, {size[1]}], got shape {masks.shape}")
+        if masks.shape[0] == 0:
+            mask = np.zeros(size, dtype=bool)
+        else:
+            mask = masks[0] if self.combine == "first" else masks.any(axis=0)
+        return Parsed({"num_masks": int(masks.shape[0]), "fg_pixels": int(mask.sum())}, mask)
+
+
 #: parser name → class; a task's ``parser`` is a name or ``{name: ..., **kwargs}``.
 PARSERS: dict[str, type] = {
     "strip": StripParser,
@@ -220,6 +256,7 @@ PARSERS: dict[str, type] = {
     "box": BoxParser,
     "text4seg": Text4SegParser,
     "text4seg_semantic": Text4SegSemanticParser,
+    "mask_head": MaskHeadParser,
 }
 
 

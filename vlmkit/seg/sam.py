@@ -27,13 +27,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 __all__ = [
     "SAM_BUILDERS", "FG_PROB", "tiny_sam", "load_sam", "make_predictor", "mask_prior", "sample_points",
     "SamRefinement", "refine_with_sam", "sam_refine",
+    # prompting helpers for the [SEG] heads (READ / LISA)
+    "SamInput", "preprocess_image", "embed_images", "transform_coords", "prompt_sam", "postprocess_masks",
 ]
 
 #: Probability whose logit marks foreground cells of the prior (background: 1 - FG_PROB).
@@ -268,3 +270,121 @@ def sam_refine(sam, image: Any, grid: np.ndarray, **kwargs) -> SamRefinement:
     predictor = make_predictor(sam)
     predictor.set_image(arr)
     return refine_with_sam(predictor, fg, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompting helpers for the [SEG]-token heads (``vlmkit.seg.read``): the steps of ``SamPredictor``
+# as differentiable tensor functions, plus an extra sparse prompt token (LISA's text slot).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class SamInput:
+    """One image prepared for SAM: ``pixels`` float32 [1, 3, S, S] (resized so the long side is S =
+    ``image_encoder.img_size``, normalised, zero-padded bottom/right), ``input_size`` (h, w) of the
+    resized image inside the padded frame, ``original_size`` (H, W) of the image as given."""
+
+    pixels: Any
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+def _rgb_array(image: Any) -> np.ndarray:
+    """PIL image or uint8 array [H, W, 3] → uint8 RGB array [H, W, 3]."""
+    if hasattr(image, "convert") and hasattr(image, "size"):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"SAM images must be PIL images or uint8 arrays [H, W, 3], got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def preprocess_image(sam, image: Any) -> SamInput:
+    """Prepare ``image`` (PIL or uint8 [H, W, 3] RGB) exactly as ``SamPredictor.set_image``:
+    ``ResizeLongestSide(img_size).apply_image`` (PIL bilinear on uint8), then ``sam.preprocess``
+    (subtract ``pixel_mean``, divide by ``pixel_std``, pad to img_size²). Runs on ``sam``'s device."""
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    arr = _rgb_array(image)
+    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(arr)
+    x = torch.as_tensor(resized, device=sam.pixel_mean.device).permute(2, 0, 1).contiguous()[None].float()
+    pixels = sam.preprocess(x)
+    return SamInput(pixels=pixels, input_size=tuple(resized.shape[:2]), original_size=tuple(arr.shape[:2]))
+
+
+def embed_images(sam, inputs: Sequence[SamInput]):
+    """Image embeddings [N, C, h', w'] of prepared images, one encoder call per image (frozen: no grad)."""
+    import torch
+
+    dtype = next(sam.image_encoder.parameters()).dtype
+    with torch.no_grad():
+        return torch.cat([sam.image_encoder(inp.pixels.to(dtype)) for inp in inputs], dim=0)
+
+
+def transform_coords(coords, original_size: tuple[int, int], long_side: int):
+    """(x, y) pixel coordinates [..., 2] of the original image → SAM's resized frame
+    (``ResizeLongestSide.apply_coords_torch``; differentiable, returns float32)."""
+    import torch
+
+    old_h, old_w = original_size
+    new_h, new_w = _preprocess_shape(old_h, old_w, long_side)
+    coords = torch.as_tensor(coords).to(torch.float32)
+    scale = torch.tensor([new_w / old_w, new_h / old_h], dtype=torch.float32, device=coords.device)
+    return coords * scale
+
+
+def prompt_sam(
+    sam,
+    image_embedding,
+    *,
+    point_coords=None,
+    point_labels=None,
+    extra_sparse=None,
+    multimask_output: bool = False,
+):
+    """Run SAM's prompt encoder and mask decoder for one image.
+
+    ``image_embedding`` [1, C, h', w'] (``embed_images``); ``point_coords`` [N, P, 2] (x, y) in SAM's
+    resized frame (``transform_coords``) with ``point_labels`` [N, P] (1 positive, 0 negative, -1
+    not-a-point); as in the reference prompt encoder, a padding point (label -1) is appended to the
+    points because no box is given. ``extra_sparse`` [N, K, C]: embeddings appended after the point
+    tokens (LISA / READ put the projected ``[SEG]`` state there). Dense prompt: ``no_mask_embed``.
+    Returns ``low_res_logits`` [N, 1 (3 with multimask_output), 4h', 4w'] and ``iou`` [N, 1 (3)].
+    """
+    import torch
+
+    pe = sam.prompt_encoder
+    points = None
+    if point_coords is not None:
+        if point_labels is None:
+            raise ValueError("point_coords need point_labels")
+        points = (point_coords, point_labels)
+    elif extra_sparse is None:
+        raise ValueError("prompt_sam needs point prompts, an extra sparse embedding, or both")
+    sparse, dense = pe(points=points, boxes=None, masks=None)
+    if extra_sparse is not None:
+        if extra_sparse.dim() != 3 or extra_sparse.shape[-1] != pe.embed_dim:
+            raise ValueError(
+                f"extra_sparse must be [N, K, {pe.embed_dim}] (the prompt dim of this SAM), "
+                f"got {tuple(extra_sparse.shape)}"
+            )
+        if points is None:
+            sparse = sparse.expand(extra_sparse.shape[0], -1, -1)
+        sparse = torch.cat([sparse, extra_sparse.to(device=sparse.device, dtype=sparse.dtype)], dim=1)
+        if dense.shape[0] != sparse.shape[0]:
+            dense = dense.expand(sparse.shape[0], -1, -1, -1)
+    decoder_dtype = next(sam.mask_decoder.parameters()).dtype
+    return sam.mask_decoder(
+        image_embeddings=image_embedding.to(decoder_dtype),
+        image_pe=pe.get_dense_pe().to(decoder_dtype),
+        sparse_prompt_embeddings=sparse.to(decoder_dtype),
+        dense_prompt_embeddings=dense.to(decoder_dtype),
+        multimask_output=multimask_output,
+    )
+
+
+def postprocess_masks(sam, low_res_logits, input_size: tuple[int, int], original_size: tuple[int, int]):
+    """Low-res logits [N, C, h, w] → logits [N, C, H, W] at the original size (``Sam.postprocess_masks``:
+    bilinear to img_size², crop the padding, bilinear to (H, W)); float32."""
+    return sam.postprocess_masks(low_res_logits.float(), tuple(input_size), tuple(original_size))

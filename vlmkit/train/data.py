@@ -4,6 +4,9 @@ Accepted records (a JSON list, or JSON Lines):
 
 - LLaVA: ``{"id", "image": "x.png" | [...], "conversations": [{"from": "human"|"gpt"|"system", "value"}]}``
 - ShareGPT / messages: ``{"messages": [{"role": "user"|"assistant"|"system", "content"}], "images": [...]}``
+- either may add ``"masks": ["m0.png", ...]`` for a segmentation head (READ / LISA, PMP): one binary PNG
+  (non-zero = object) per ``[SEG]`` of the answers, in order, at the first image's size. The batch then
+  carries ``masks`` (one [n, H, W] tensor per record) and ``sam_images`` (the record's first image).
 
 Each ``<image>`` marker in the text is one image; their number must equal the number of images
 (LLaMA-Factory's rule). The marker is replaced by the processor's image token and the processor expands
@@ -38,6 +41,7 @@ class Conversation:
     id: str
     messages: list[dict[str, str]]
     images: list[str]
+    masks: list[str] = dataclasses.field(default_factory=list)
 
 
 def _record_name(record: Any, index: int, source: str) -> str:
@@ -114,11 +118,18 @@ def normalize_record(
     if markers != len(images):
         raise ValueError(f"{where}: {markers} {IMAGE_MARKER} marker(s) in the text but {len(images)} image(s); "
                          "they must be equal")
+    masks = record.get("masks", [])
+    masks = [masks] if isinstance(masks, str) else masks
+    if not isinstance(masks, list) or not all(isinstance(m, str) for m in masks):
+        raise ValueError(f"{where}: masks must be a path or a list of paths, got {masks!r}")
+    if masks and not images:
+        raise ValueError(f"{where}: masks need an image to segment")
     if check_files:
         json_dir = json_dir or Path(".")
         images = [_resolve_image(i, where, json_dir, image_folder) for i in images]
+        masks = [_resolve_image(m, where, json_dir, image_folder) for m in masks]
     rid = str(record.get("id", index))
-    return Conversation(rid, messages, images)
+    return Conversation(rid, messages, images, masks)
 
 
 def load_conversations(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[Conversation]:
@@ -232,7 +243,21 @@ def encode_conversation(
     for key, values in image_tensors.items():
         out[key] = torch.cat(values, dim=0)
     out.setdefault("pixel_values", None)
+    if conv.masks:
+        out["sam_images"] = load_image(conv.images[0])
+        out["masks"] = torch.stack([_load_mask(m, out["sam_images"].size, conv.id) for m in conv.masks])
     return out
+
+
+def _load_mask(path: str, size: tuple[int, int], rid: str) -> torch.Tensor:
+    """A PNG mask as a bool [H, W] tensor; ValueError unless it has the image's (W, H) ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.size != size:
+            raise ValueError(f"record {rid!r}: mask {path!r} is {im.size[0]}×{im.size[1]}, the image {size[0]}×{size[1]}")
+        return torch.from_numpy(np.asarray(im.convert("L")) > 0)
 
 
 def _load_rgb(path: str):
@@ -259,9 +284,13 @@ class SupervisedDataset:
         return encode_conversation(self.conversations[i], self.processor, self.template, self.max_length)
 
 
-def collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+PER_RECORD_KEYS = ("masks", "sam_images")  # segmentation-head inputs: one entry per record (None if it has none)
+
+
+def collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Right-pad a list of encoded records: ``input_ids`` / ``labels`` / ``attention_mask`` [B, S_max];
-    image tensors of all records concatenated along dim 0 in record order (absent when none has images)."""
+    image tensors of all records concatenated along dim 0 in record order (absent when none has images);
+    ``masks`` / ``sam_images`` as lists with one entry per record when any record has them."""
     if not features:
         raise ValueError("collate needs at least one record")
     length = max(len(f["input_ids"]) for f in features)
@@ -275,6 +304,9 @@ def collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, 
         labels[b, :n] = f["labels"]
         attention_mask[b, :n] = 1
     batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for key in PER_RECORD_KEYS:
+        if any(f.get(key) is not None for f in features):
+            batch[key] = [f.get(key) for f in features]
     keys = sorted({k for f in features for k, v in f.items() if isinstance(v, torch.Tensor)} - set(batch))
     for key in keys:
         parts = [f[key] for f in features if isinstance(f.get(key), torch.Tensor)]

@@ -143,18 +143,49 @@ def load_base_model(spec: str, recipe=None, device=None):
     return model, processor
 
 
-def build_model(hf_model, recipe, stage_specs=()):
-    """``apply_recipe`` + ``vlmkit.wrap`` + stage selection: returns ``(wrapped, notes)``."""
-    import vlmkit
+def build_model(hf_model, recipe, stage_specs=(), tokenizer=None):
+    """``apply_recipe`` + ``vlmkit.wrap`` + stage selection: returns ``(wrapped, notes)``.
 
+    Stages that add tokens (READ's ``[SEG]``) need ``tokenizer``; the tokens are added and the embeddings
+    grown *before* the recipe wraps the embeddings in PEFT copies (which cannot be resized).
+    """
     from ..config import StageConfig, parse_stage_spec
+    from ..wrapper import VLMWrapper, unwrap
     from .recipes import apply_recipe, select_trainable_stages
 
     configs = [s if isinstance(s, StageConfig) else parse_stage_spec(s) for s in stage_specs]
+    probe = VLMWrapper(hf_model, *configs, tokenizer=tokenizer)  # adds tokens, grows embeddings
+    added, stages = probe.added_tokens, list(probe.stages)
+    unwrap(probe)
     model = apply_recipe(hf_model, recipe)
-    wrapped = vlmkit.wrap(model, *configs)
+    wrapped = VLMWrapper(model, *configs, tokenizer=tokenizer, _expected_tokens=added or None, _stages=stages)
     notes = select_trainable_stages(wrapped, recipe)
     return wrapped, notes
+
+
+def _to_device(value, device):
+    """Tensors (and lists of them, e.g. per-record masks) to ``device``; images and None as they are."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
+
+
+def unused_mask_keys(wrapped, dataset) -> set[str]:
+    """Per-record segmentation inputs no head of ``wrapped`` takes (dropped from batches).
+
+    Records with ``masks`` need a head that trains on them (``--wrap read`` / ``pmp``): ValueError otherwise.
+    """
+    from .data import PER_RECORD_KEYS
+
+    consumed = {n for s in wrapped.stages for n in getattr(s, "head_input_names", ())}
+    if any(c.masks for c in dataset.conversations) and "masks" not in consumed:
+        raise ValueError("the data has masks but the model has no segmentation head to train on them; "
+                         "wrap it with one, e.g. --wrap read (READ / LISA) or --wrap pmp")
+    return set(PER_RECORD_KEYS) - consumed
 
 
 def check_launch_env(env=None) -> None:
@@ -231,7 +262,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
 
     seed_everything(args.seed)  # identical on every rank: same LoRA init everywhere
     hf_model, processor = load_base_model(args.model, recipe, accelerator.device)
-    wrapped, notes = build_model(hf_model, recipe, args.wrap)
+    wrapped, notes = build_model(hf_model, recipe, args.wrap, tokenizer=processor.tokenizer)
     wrapped.train()
     named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
     if not named:
@@ -250,6 +281,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
 
     dataset = SupervisedDataset(conversations, processor, args.template, max_length)
+    unused = unused_mask_keys(wrapped, dataset)
     n = len(dataset)
     per_epoch = steps_per_epoch(n, batch_size * world)
     total = max_steps if max_steps is not None else epochs * per_epoch
@@ -299,7 +331,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         for step in range(start, total):
             idx = batch_indices(step, n, batch_size, world, rank, args.seed)
             batch = collate([dataset[i] for i in idx], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: _to_device(v, accelerator.device) for k, v in batch.items() if k not in unused}
             factor = lr_factor(step, total, warmup, d.scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
@@ -390,9 +422,19 @@ def load_finetuned(path: str | os.PathLike, base_model, is_trainable: bool = Fal
     import vlmkit
     from safetensors.torch import load_file
 
+    from ..wrapper import read_saved
+
     path = Path(path)
     if isinstance(base_model, (str, os.PathLike)):
         base_model, _ = load_base_model(os.fspath(base_model))
+    tokenizer = None
+    added = read_saved(path).get("added_tokens") or {}
+    if added:  # stages added tokens (READ's [SEG]): the saved tokenizer has them; grow rows before PEFT loads
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if base_model.get_input_embeddings().weight.shape[0] <= max(added.values()):
+            base_model.resize_token_embeddings(max(added.values()) + 1)
     if (path / "adapter_config.json").is_file():
         import warnings
 
@@ -409,5 +451,5 @@ def load_finetuned(path: str | os.PathLike, base_model, is_trainable: bool = Fal
         model = base_model
     else:
         raise FileNotFoundError(f"{path}: no adapter_config.json or {TRAINED_WEIGHTS}; not a vlmkit finetune output")
-    wrapped = vlmkit.load(model, path)
+    wrapped = vlmkit.load(model, path, tokenizer=tokenizer)
     return wrapped.train(is_trainable) if is_trainable else wrapped.eval()
