@@ -37,6 +37,9 @@ _EXPORTS = {
     "SeedTokenizer": "vlmkit.vision.seed",
     "train_seed_tokenizer": "vlmkit.vision.seed",
     "load_seed_checkpoint": "vlmkit.vision.seed",
+    "ExpertsConfig": "vlmkit.vision.experts",
+    "register_expert": "vlmkit.vision.experts",
+    "ExpertBackbone": "vlmkit.vision.experts",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

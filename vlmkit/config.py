@@ -23,6 +23,7 @@ _CONFIG_PATHS: dict[str, str] = {
     "read": "vlmkit.seg.read:READConfig",
     "pmp": "vlmkit.seg.pmp:PMPConfig",
     "seed": "vlmkit.vision.seed:SEEDConfig",
+    "experts": "vlmkit.vision.experts:ExpertsConfig",
 }
 _CONFIG_CLASSES: dict[str, type["StageConfig"]] = {}
 

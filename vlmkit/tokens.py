@@ -21,6 +21,11 @@ class VisualTokens:
       scores: [N] per-token significance over the uncompressed tokens (N = frames·h·w), set by a
               compressor that scores tokens (e.g. FoPru); None otherwise.
       num_uncompressed: N, the length of the placeholder run the processor emitted for this image.
+      blocks: optional layout of an image made of several sub-grids (MouSi poly-visual experts):
+              ``[(offset, (h, w)), ...]`` in run order; block k covers the uncompressed run positions
+              ``offset .. offset + h·w - 1``, row-major over its own (h, w) grid. Blocks are contiguous
+              from 0 and cover all ``num_uncompressed`` positions. None (default): one grid, ``grid``.
+              Position schemes (MouSi ``shared`` / ``row``) lay the blocks out one after the other.
     """
 
     embeds: torch.Tensor
@@ -29,6 +34,7 @@ class VisualTokens:
     frame: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     num_uncompressed: int | None = None
+    blocks: list[tuple[int, tuple[int, int]]] | None = None
 
     def __post_init__(self) -> None:
         if self.embeds.dim() != 2:
@@ -39,6 +45,8 @@ class VisualTokens:
             )
         if self.num_uncompressed is None:
             self.num_uncompressed = int(self.embeds.shape[0])
+        if self.blocks is not None:
+            self.blocks = check_blocks(self.blocks, self.num_uncompressed)
 
     @classmethod
     def full(cls, embeds: torch.Tensor, grid: tuple[int, int], frames: int = 1) -> "VisualTokens":
@@ -74,3 +82,29 @@ class VisualTokens:
             index=self.index[keep],
             frame=None if self.frame is None else self.frame[keep],
         )
+
+
+def check_blocks(blocks, length: int) -> list[tuple[int, tuple[int, int]]]:
+    """Validate ``VisualTokens.blocks`` against a run of ``length`` positions; return them normalised.
+
+    Each block is ``(offset, (h, w))`` with h, w ≥ 1; offsets start at 0 and each block begins where the
+    previous one ends; the last one ends at ``length``. ValueError naming the first offending block.
+    """
+    out: list[tuple[int, tuple[int, int]]] = []
+    expected = 0
+    for k, block in enumerate(blocks):
+        try:
+            offset, (h, w) = block
+            offset, h, w = int(offset), int(h), int(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"VisualTokens.blocks[{k}] must be (offset, (h, w)), got {block!r}") from None
+        if h < 1 or w < 1 or offset != expected:
+            raise ValueError(
+                f"VisualTokens.blocks[{k}] = {block!r}: expected offset {expected} and a grid of h, w >= 1 "
+                "(blocks are contiguous from 0)"
+            )
+        out.append((offset, (h, w)))
+        expected = offset + h * w
+    if not out or expected != length:
+        raise ValueError(f"VisualTokens.blocks cover {expected} positions, but the run has {length}")
+    return out

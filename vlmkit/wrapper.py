@@ -39,7 +39,7 @@ def _order_stages(configs: tuple[StageConfig, ...]) -> list[StageConfig]:
             raise TypeError(f"wrap() takes StageConfig objects after the model, got {type(c).__name__}: {c!r}")
         if c.role not in ROLES:
             raise ValueError(f"stage {c.type!r} has role {c.role!r}; known roles: {list(ROLES)}")
-    positions = [c.type for c in configs if c.role == "position"]
+    positions = [c.type for c in configs if c.role == "position" or getattr(c, "sets_positions", False)]
     if len(positions) > 1:
         raise ValueError(f"at most one position scheme per model, got {positions}")
     for c in configs:

@@ -6,6 +6,16 @@ Choices made where the notes are silent, for every mode: text tokens (image mark
 an image's block starts one after the token before it (a block at the start of a row after position -1);
 the text after an image resumes one after the block's *uncompressed* span, so pruning never moves text;
 tiles/frames of one image stack their rows (row = ``VisualTokens.index // w``).
+
+Images made of several expert blocks (``VisualTokens.blocks``, MouSi poly-visual experts, reference §5.3)
+lay the blocks out one after the other, each by the same rule: with ``"shared"`` each block takes one
+position (K experts → K positions), with ``"row"`` a block of an R×C grid takes R positions, with
+``"original"`` R·C. Example, text a, an image of a 1×2 block then a 2×2 block, text b::
+
+    slot       a   e0  e0  e1  e1  e1  e1  b
+    shared     0   1   1   2   2   2   2   3
+    row        0   1   1   2   2   3   3   4
+    original   0   1   2   3   4   5   6   7
 """
 
 from __future__ import annotations
@@ -69,13 +79,15 @@ def mousi_position_ids(
     visual_index: torch.Tensor,
     image_widths: Sequence[int],
     image_lengths: Sequence[int],
+    image_blocks: Sequence[Sequence[tuple[int, tuple[int, int]]] | None] | None = None,
 ) -> torch.LongTensor:
     """MouSi positions [B, S] (LongTensor; padding gets 1) for ``mode`` (see ``MouSiPositionConfig``).
 
     attention_mask [B, S]; image_id [B, S]: image of each visual slot, -1 elsewhere; visual_index [B, S]:
     the slot's cell in its image's uncompressed run (``VisualTokens.index``); image_widths[i] / image_lengths[i]:
-    grid width and uncompressed token count of image i (all tiles). Slots are read per row in order; the
-    tokens of one image must be contiguous.
+    grid width and uncompressed token count of image i (all tiles). ``image_blocks[i]``, when given and not
+    None, is image i's ``VisualTokens.blocks`` (expert sub-grids, laid out one after the other; its width
+    is then unused). Slots are read per row in order; the tokens of one image must be contiguous.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
@@ -85,6 +97,8 @@ def mousi_position_ids(
         raise ValueError(f"visual_index must be [B, S] like image_id, got {tuple(visual_index.shape)}")
     if len(image_widths) != len(image_lengths):
         raise ValueError(f"{len(image_widths)} image widths but {len(image_lengths)} image lengths")
+    if image_blocks is not None and len(image_blocks) != len(image_lengths):
+        raise ValueError(f"{len(image_blocks)} image block layouts but {len(image_lengths)} image lengths")
     B, S = attention_mask.shape
     out = torch.ones((B, S), dtype=torch.long, device=attention_mask.device)
     seen: set[tuple[int, int]] = set()
@@ -102,13 +116,19 @@ def mousi_position_ids(
             if (b, key) in seen:
                 raise ValueError(f"the visual tokens of image {key} are not contiguous in row {b}")
             seen.add((b, key))
+            blocks = None if image_blocks is None else image_blocks[key]
             w, length = int(image_widths[key]), int(image_lengths[key])
-            if w <= 0 or length <= 0 or length % w:
+            if blocks is None and (w <= 0 or length <= 0 or length % w):
                 raise ValueError(f"image {key}: {length} tokens do not form rows of width {w}")
             index = visual_index[b, cols[start:end]].long()
             if bool((index < 0).any()) or bool((index >= length).any()):
                 raise ValueError(f"image {key}: visual_index outside [0, {length})")
             L = counter
+            if blocks is not None:
+                offset, span = _block_positions(mode, index, blocks, length, key)
+                pos[start:end] = L + offset
+                counter = L + span
+                continue
             if mode == "shared":
                 pos[start:end] = L + 1
                 counter = L + 1
@@ -122,6 +142,29 @@ def mousi_position_ids(
     return out
 
 
+def _block_positions(mode: str, index: torch.Tensor, blocks, length: int, key: int) -> tuple[torch.Tensor, int]:
+    """Offsets from ``L + 1`` of the tokens at run positions ``index`` [K] of an image of expert ``blocks``,
+    and the number of positions the whole (uncompressed) image spans."""
+    from ..tokens import check_blocks
+
+    try:
+        blocks = check_blocks(blocks, length)
+    except ValueError as err:
+        raise ValueError(f"image {key}: {err}") from None
+    device = index.device
+    offsets = torch.tensor([o for o, _ in blocks], dtype=torch.long, device=device)
+    widths = torch.tensor([g[1] for _, g in blocks], dtype=torch.long, device=device)
+    rows = torch.tensor([g[0] for _, g in blocks], dtype=torch.long, device=device)
+    block = torch.bucketize(index, offsets, right=True) - 1  # [K] expert block of each token
+    if mode == "shared":
+        return 1 + block, len(blocks)
+    if mode == "row":
+        row_base = torch.cumsum(rows, 0) - rows  # positions used by the blocks before
+        local = index - offsets[block]
+        return 1 + row_base[block] + torch.div(local, widths[block], rounding_mode="floor"), int(rows.sum())
+    return 1 + index, length  # original
+
+
 class MouSiPosition(PositionStage):
     """MouSi position stage: reads grid cells from ``batch.visual_index`` and sizes from ``batch.tokens``."""
 
@@ -129,4 +172,5 @@ class MouSiPosition(PositionStage):
         return mousi_position_ids(
             self.config.mode, batch.attention_mask, batch.image_id, batch.visual_index,
             [t.grid[1] for t in batch.tokens], [t.num_uncompressed for t in batch.tokens],
+            [getattr(t, "blocks", None) for t in batch.tokens],
         ).to(torch.float64)
