@@ -1,16 +1,23 @@
 """Train the embedded default model on the shapes benchmark (logic: vlmkit/train/shapes_model.py).
 
-    python scripts/train_tiny.py --out vlmkit/assets/shapes-llava-tiny --steps 2000
+    python scripts/train_tiny.py --out vlmkit/assets/shapes-llava-tiny --steps 2000 --card
+
+``--card`` then evaluates the model on held-out shapes, runs ``vlmkit demo`` on it and writes the model
+card (README.md + metrics.json) next to the weights; ``--card-only`` does that for an existing run
+(training facts from its training_log.json; say how it was trained with ``--train-command``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import torch
 
-from vlmkit.train.shapes_model import evaluate, train
+from vlmkit.train.shapes_model import TinyArch, evaluate, train, write_model_card
 
 
 def main() -> None:
@@ -28,17 +35,33 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=200, help="held-out images for the final evaluation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--card", action="store_true", help="after training: evaluate, run the demo, write the card")
+    parser.add_argument("--card-only", action="store_true", help="no training: write the card of the run in --out")
+    parser.add_argument("--train-command", default=None, help="with --card-only: the command that trained it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    info = train(args.out, steps=args.steps, vision_steps=args.vision_steps, batch_size=args.batch_size, lr=args.lr,
-                 seed=args.seed, curriculum_steps=args.curriculum_steps, refseg_prob=args.refseg_prob,
-                 eval_every=args.eval_every, save_every=args.save_every, quiet=args.quiet)
+    command = args.train_command or "python " + " ".join(sys.argv)
+    if args.card_only:
+        log = json.loads((Path(args.out) / "training_log.json").read_text())
+        info = {"minutes": log["minutes"], "steps": log["log"][-1]["step"] + 1, "seed": args.seed,
+                "batch_size": args.batch_size}
+    else:
+        info = train(args.out, steps=args.steps, vision_steps=args.vision_steps, batch_size=args.batch_size,
+                     lr=args.lr, seed=args.seed, curriculum_steps=args.curriculum_steps,
+                     refseg_prob=args.refseg_prob, eval_every=args.eval_every, save_every=args.save_every,
+                     quiet=args.quiet)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(args.out).eval()
     processor = AutoProcessor.from_pretrained(args.out)
     metrics = evaluate(model, processor, n=args.eval_n, seed=1, quiet=args.quiet)
     print(json.dumps({**info, **metrics}, indent=1))
+    if args.card or args.card_only:
+        from vlmkit import demo
+
+        report = demo.run(Path(args.out) / "demo_check", model_path=args.out, quiet=args.quiet)
+        shutil.rmtree(Path(args.out) / "demo_check")
+        print(write_model_card(args.out, TinyArch(), info, metrics, report["rows"], command))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int 
 
     from .viz.plot import line_plot
 
+    if quiet:  # the harness reloads the checkpoint for every row: no weight-loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
