@@ -21,6 +21,7 @@ done, merges the lines into the samples file and writes the results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -249,6 +250,23 @@ def apply_until(text: str, until: Sequence[str] | str | None) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _capture_assembled(wrapped):
+    """Within the ``with``, every ``AssembledBatch`` ``wrapped.assemble`` builds is appended to the yielded list."""
+    captured: list[Any] = []
+    original = wrapped.assemble
+
+    def capture(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    wrapped.assemble = capture  # an instance attribute, removed on exit
+    try:
+        yield captured
+    finally:
+        del wrapped.assemble
+
+
 def generate_batch(
     loaded: LoadedModel, images: Sequence[Any], texts: Sequence[str], gen: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -265,20 +283,8 @@ def generate_batch(
     inputs = proc(images=nested, text=list(texts), return_tensors="pt", padding=True)
     inputs = inputs.to(loaded.device)
     wrapped = loaded.wrapped
-    captured: list[Any] = []
-    original = wrapped.assemble
-
-    def capture(*args, **kwargs):
-        batch = original(*args, **kwargs)
-        captured.append(batch)
-        return batch
-
-    wrapped.assemble = capture  # instance attribute: see the token counts of what generate() feeds the LM
-    try:
-        with torch.no_grad():
-            out = wrapped.generate(**inputs, **_generate_kwargs(gen, tok))
-    finally:
-        del wrapped.assemble
+    with _capture_assembled(wrapped) as captured, torch.no_grad():  # token counts of what the LM is fed
+        out = wrapped.generate(**inputs, **_generate_kwargs(gen, tok))
     seqs = out if isinstance(out, torch.Tensor) else out.sequences
     new = seqs[:, inputs["input_ids"].shape[1]:].cpu()
     decoded = tok.batch_decode(new, skip_special_tokens=True)
@@ -315,22 +321,10 @@ def segment_batch(
     if any(len(n) != 1 for n in nested):
         raise ValueError("mask-producing heads take exactly one image per sample")
     wrapped = loaded.wrapped
-    captured: list[Any] = []
-    original = wrapped.assemble
-
-    def capture(*args, **kwargs):
-        batch = original(*args, **kwargs)
-        captured.append(batch)
-        return batch
-
     kwargs = _generate_kwargs(gen, tok)
-    wrapped.assemble = capture  # the first assembled batch is the prompt generate() prefills
-    try:
-        with torch.no_grad():
-            masks, raw = wrapped.segment([n[0] for n in nested], list(texts), processor=loaded.processor,
-                                         return_text=True, **kwargs)
-    finally:
-        del wrapped.assemble
+    with _capture_assembled(wrapped) as captured, torch.no_grad():  # [0]: the prompt generate() prefills
+        masks, raw = wrapped.segment([n[0] for n in nested], list(texts), processor=loaded.processor,
+                                     return_text=True, **kwargs)
     prompt, full = captured[0], captured[-1]  # generate's prompt; the head's pass over prompt + answer
     visual = prompt.visual_tokens_per_sample
     prefill = prompt.attention_mask.sum(dim=1).tolist()

@@ -33,23 +33,25 @@ if TYPE_CHECKING:
 
 
 def rotary_embedding(family: "Family") -> nn.Module:
-    """The language model's rotary module (``model.model.language_model.rotary_emb`` for LLaVA and InternVL).
+    """The language model's rotary module (``Family.rotary_embedding``: ``model.model.language_model.rotary_emb``
+    for LLaVA and InternVL, ``model.model.text_model.rotary_emb`` for SmolVLM / Idefics3).
 
-    Kept here rather than in ``families/`` for now; a ``Family.rotary_embedding`` accessor would be the
-    natural home. Raises ValueError when the decoder has no RoPE module this scheme can remap.
+    Raises ValueError when the decoder has no RoPE module these schemes can remap, or uses M-RoPE
+    (3-D (t, h, w) positions, Qwen2.5-VL).
     """
     model = family.model
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None)
-    rotary = getattr(lm, "rotary_emb", None)
+    rotary = getattr(family, "rotary_embedding", None)
     if not isinstance(rotary, nn.Module) or not callable(getattr(rotary, "forward", None)):
         raise ValueError(
             f"vlmkit position schemes remap the decoder's rotary embedding, but {type(model).__name__} "
-            f"({family.model_type}) has no model.language_model.rotary_emb module"
+            f"({family.model_type}) has none"
         )
+    text = getattr(family.config, "text_config", family.config)
     rope_type = getattr(rotary, "rope_type", "default")
-    if isinstance(rope_type, str) and "mrope" in rope_type:
-        raise ValueError(f"position schemes need 1-D RoPE; {type(model).__name__} uses {rope_type!r}")
+    if "mrope_section" in (getattr(text, "rope_parameters", None) or {}) or (
+            isinstance(rope_type, str) and "mrope" in rope_type):
+        raise ValueError(f"position schemes need 1-D RoPE; {type(model).__name__} uses M-RoPE "
+                         "(3-D (t, h, w) positions)")
     return rotary
 
 
@@ -156,8 +158,6 @@ def remap_rotary(rotary: nn.Module, table: PositionTable) -> Iterator[None]:
     accelerate hooks) is called with the remapped positions and restored on exit. Float ``position_ids``
     are passed through unchanged (they are already scheme positions).
     """
-    had_own = "forward" in vars(rotary)
-    previous = vars(rotary).get("forward")
     original = rotary.forward
 
     def forward(x, position_ids=None, *args, **kwargs):
@@ -165,14 +165,24 @@ def remap_rotary(rotary: nn.Module, table: PositionTable) -> Iterator[None]:
             position_ids = table.lookup(position_ids)
         return original(x, position_ids, *args, **kwargs)
 
-    rotary.forward = forward
+    with patch_forward(rotary, forward):
+        yield
+
+
+@contextlib.contextmanager
+def patch_forward(module: nn.Module, forward) -> Iterator[None]:
+    """Within the ``with``, ``module.forward`` is ``forward`` (an instance attribute); the previous instance
+    attribute, if any (e.g. an accelerate hook), is restored on exit, else the class method shows again."""
+    had_own = "forward" in vars(module)
+    previous = vars(module).get("forward")
+    module.forward = forward
     try:
         yield
     finally:
         if had_own:
-            rotary.forward = previous
+            module.forward = previous
         else:
-            del rotary.forward
+            del module.forward
 
 
 class PositionStage(Stage):

@@ -92,6 +92,7 @@ from torch import nn
 
 from ..config import StageConfig
 from ..position.mousi import MODES, mousi_position_ids
+from ..position.rotary import patch_forward
 from ..stage import Stage
 from ..tokens import VisualTokens
 
@@ -785,8 +786,6 @@ def _remap_prompt_positions(rotary: nn.Module, rope: torch.Tensor, attention_mas
     last_col = torch.where(attention_mask != 0, cols, torch.full_like(cols, -1)).max(dim=1).values.clamp(min=0)
     rope_last = rope.gather(1, last_col[:, None].to(rope.device))[:, 0]  # [B]
     state: dict[str, torch.Tensor] = {}
-    had_own = "forward" in vars(rotary)
-    previous = vars(rotary).get("forward")
     original = rotary.forward
 
     def expand(t: torch.Tensor, rows: int) -> torch.Tensor:  # [B, ...] -> [rows, ...] (beams repeat rows)
@@ -814,11 +813,5 @@ def _remap_prompt_positions(rotary: nn.Module, rope: torch.Tensor, attention_mas
             pos = ids + expand(state["delta"].to(dev), rows)[:, None]
         return original(x, pos.to(torch.float32), *args, **kwargs)
 
-    rotary.forward = forward
-    try:
+    with patch_forward(rotary, forward):
         yield
-    finally:
-        if had_own:
-            rotary.forward = previous
-        else:
-            del rotary.forward
