@@ -344,3 +344,125 @@ def test_prune_viz_command(tmp_path):
     assert main(["prune-viz", "--image", str(tmp_path / "in.png"), "--keep", "0.25", "--strategy", "row",
                  "--out", str(out)]) == 0
     assert Image.open(out).size[0] >= 336
+
+
+# --- tokens with a source map and image-newline tokens (LLaVA-NeXT / OneVision AnyRes) -------------------
+def _with_newlines():
+    """A hand-made AnyRes-like run of 12 slots: base tile 2×2 (tower tokens 0-3), then 2 stitched rows of 3
+    grid tokens + a newline (slots 7 and 11), the grid tokens from tower tokens 4-11 in a shuffled order."""
+    from vlmkit.tokens import VisualTokens
+
+    source = torch.tensor([0, 1, 2, 3, 9, 4, 11, -1, 5, 8, 10, -1])
+    embeds = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
+    return VisualTokens(embeds, torch.arange(12), (2, 2), blocks=[(0, (2, 2)), (4, (2, 4))],
+                        source=source, num_sources=12)
+
+
+def test_source_is_validated_and_carried_by_select():
+    from vlmkit.tokens import VisualTokens
+
+    t = _with_newlines()
+    kept = t.select(torch.tensor([1, 4, 7]))
+    assert kept.source.tolist() == [1, 9, -1] and kept.num_sources == 12
+    assert t.grid_positions().tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10]
+    assert t.keep_with_newlines(torch.tensor([9, 0])).index.tolist() == [0, 7, 9, 11]
+    with pytest.raises(ValueError, match="newline positions"):
+        t.keep_with_newlines(torch.tensor([7]))
+    with pytest.raises(ValueError, match="go together"):
+        VisualTokens(torch.zeros(2, 1), torch.arange(2), (1, 2), source=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"0\.\.1 \(num_sources=2\)"):
+        VisualTokens(torch.zeros(2, 1), torch.arange(2), (1, 2), source=torch.tensor([0, 2]), num_sources=2)
+    plain = VisualTokens.full(torch.zeros(4, 1), (2, 2))
+    assert plain.source is None and plain.select(torch.tensor([1])).source is None
+    assert plain.grid_positions().tolist() == [0, 1, 2, 3]
+
+
+def _fopru_on(tokens, records, **config):
+    """``FoPru.compress`` of a tiny LLaVA FoPru stage on ``tokens`` with the recorded tile scores ``records``."""
+    model, _ = _tiny("llava")
+    wrapped = vlmkit.wrap(model, vlmkit.FoPruConfig(**config))
+    fopru = wrapped.stages[0]
+    try:
+        with fopru.vision_context(wrapped.family):
+            fopru._records[:] = records
+            return fopru.compress(tokens)
+    finally:
+        vlmkit.unwrap(wrapped)
+
+
+def test_fopru_gathers_scores_through_source_and_keeps_newlines():
+    """One 16-token tile (tiny LLaVA) laid out as 4 rows of 4 permuted grid tokens + a newline each;
+    recorded score of tower token j = j, so the expected selection follows from the permutation."""
+    from vlmkit.tokens import VisualTokens
+
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(2))
+    source = torch.cat([torch.cat([perm[4 * r : 4 * r + 4], torch.tensor([-1])]) for r in range(4)])  # 4 rows of 4 + nl
+    t = VisualTokens(torch.randn(20, 4), torch.arange(20), (4, 4), blocks=[(0, (4, 5))], source=source,
+                     num_sources=16)
+    records = [torch.arange(16, dtype=torch.float32)[None]]
+    (rank,) = _fopru_on([t], records, keep_ratio=0.25, strategy="rank")
+    # 4 of the 16 grid tokens (newlines do not count): tower 12-15, wherever the permutation put them
+    expected = sorted([int(torch.nonzero(source == j)) for j in (12, 13, 14, 15)] + [4, 9, 14, 19])
+    assert rank.index.tolist() == expected and rank.num_tokens == 4 + 4
+    assert rank.scores[source >= 0].tolist() == source[source >= 0].float().tolist()
+    assert bool(rank.scores[source == -1].isnan().all())
+    (row,) = _fopru_on([t], records, num_keep=6, strategy="row")
+    means = [float(perm[4 * r : 4 * r + 4].float().mean()) for r in range(4)]
+    best = sorted(range(4), key=lambda r: -means[r])
+    nxt = best[1]
+    top2 = sorted(range(4), key=lambda c: -int(perm[4 * nxt + c]))[:2]
+    expected = sorted([5 * best[0] + c for c in range(4)] + [5 * nxt + c for c in top2] + [4, 9, 14, 19])
+    assert row.index.tolist() == expected
+
+
+@pytest.mark.parametrize("strategy", ["rank", "row"])
+def test_fopru_identity_source_equals_no_source(strategy):
+    """source = arange (no newlines) is the identity: the same selection as without a source map."""
+    import dataclasses
+
+    from vlmkit.tokens import VisualTokens
+
+    g = torch.Generator().manual_seed(4)
+    records = [torch.rand(2, 16, generator=g)]
+    embeds = torch.randn(32, 4, generator=g)
+    for k in (1, 3, 4, 9, 16):
+        plain = VisualTokens.full(embeds, (4, 4), frames=2)
+        mapped = dataclasses.replace(plain, source=torch.arange(32), num_sources=32)
+        (a,) = _fopru_on([plain], records, num_keep=k, strategy=strategy)
+        (b,) = _fopru_on([mapped], records, num_keep=k, strategy=strategy)
+        assert a.index.tolist() == b.index.tolist()
+
+
+def test_fopru_select_rows_by_hand_and_equal_rows_match_fopru_select():
+    from vlmkit.compress.fopru import fopru_select_rows
+
+    # rows: 0 = [1, 1] (mean 1), 1 = [5, 0, 4] (mean 3), 2 = [2, 2, 2, 2] (mean 2)
+    scores = torch.tensor([1.0, 1.0, 5.0, 0.0, 4.0, 2.0, 2.0, 2.0, 2.0])
+    row = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    assert fopru_select_rows(scores, row, 3, "row").tolist() == [2, 3, 4]
+    # row 1 whole (3), then row 2 does not fit in 5: its 2 best (all tied -> lowest positions 5, 6)
+    assert fopru_select_rows(scores, row, 5, "row").tolist() == [2, 3, 4, 5, 6]
+    assert fopru_select_rows(scores, row, 7, "row").tolist() == [2, 3, 4, 5, 6, 7, 8]
+    assert fopru_select_rows(scores, row, 2, "rank").tolist() == [2, 4]
+    with pytest.raises(ValueError, match="num_keep must be in 1..9"):
+        fopru_select_rows(scores, row, 10, "row")
+    g = torch.Generator().manual_seed(5)
+    s = torch.rand(1, 30, generator=g)
+    for k in (1, 5, 6, 13, 30):
+        for strategy in ("rank", "row"):
+            ref = fopru_select(s, (5, 6), k, strategy)[0]
+            assert fopru_select_rows(s[0], torch.arange(30) // 6, k, strategy).tolist() == ref.tolist()
+
+
+def test_random_and_divprune_keep_newlines_and_count_grid_tokens():
+    t = _with_newlines()
+    grid = t.grid_positions()
+    random = vlmkit.wrap(_tiny("llava")[0], vlmkit.RandomPruneConfig(keep_ratio=0.5, seed=7))
+    (kept,) = random.stages[0].compress([t])
+    vlmkit.unwrap(random)
+    pick = torch.randperm(10, generator=torch.Generator().manual_seed(7))[:5]  # 5 of the 10 grid tokens
+    assert kept.index.tolist() == sorted(grid[pick].tolist() + [7, 11])
+    div = vlmkit.wrap(_tiny("llava")[0], vlmkit.DivPruneConfig(num_keep=4))
+    (kept,) = div.stages[0].compress([t])
+    vlmkit.unwrap(div)
+    assert kept.index.tolist() == sorted(grid[divprune_select(t.embeds[grid], 4)].tolist() + [7, 11])

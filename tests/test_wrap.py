@@ -189,7 +189,8 @@ def test_unsupported_model_names_type_and_families():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(ValueError, match=r"model_type='llama'.*\['internvl', 'llava'\]"):
+    families = r"\['idefics3', 'internvl', 'llava', 'llava_next', 'llava_onevision', 'qwen2_5_vl', 'smolvlm'\]"
+    with pytest.raises(ValueError, match=r"model_type='llama'.*" + families):
         vlmkit.wrap(model)
 
 
@@ -248,7 +249,8 @@ def test_supported_families_and_lazy_import():
     import subprocess
     import sys
 
-    assert vlmkit.supported_families() == ["internvl", "llava"]
+    assert vlmkit.supported_families() == [
+        "idefics3", "internvl", "llava", "llava_next", "llava_onevision", "qwen2_5_vl", "smolvlm"]
     code = "import sys, vlmkit; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"], "import vlmkit must not import torch/transformers"

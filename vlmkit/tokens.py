@@ -26,6 +26,16 @@ class VisualTokens:
               ``offset .. offset + h·w - 1``, row-major over its own (h, w) grid. Blocks are contiguous
               from 0 and cover all ``num_uncompressed`` positions. None (default): one grid, ``grid``.
               Position schemes (MouSi ``shared`` / ``row``) lay the blocks out one after the other.
+      source: optional [K] LongTensor: the vision-tower patch token each token came from, as a flat index
+              ``tile · (patches per tile) + patch`` over the image's tiles in the order the tower ran them
+              (the order FoPru records its per-tile scores), or -1 for an *image-newline* token (LLaVA-NeXT /
+              OneVision AnyRes rows end with a learned embedding that comes from no patch). None (default):
+              the identity, token ``index`` i came from tower token i (no newlines).
+      num_sources: the length of the sequence ``source`` indexes (tiles · patches per tile of this image);
+              required with ``source``, None without.
+
+    Pruning rule for images with newline tokens (``source == -1``): they are always kept and do not count
+    toward the budget; ``keep_ratio`` / ``num_keep`` count *grid* tokens only (``grid_positions``).
     """
 
     embeds: torch.Tensor
@@ -35,6 +45,8 @@ class VisualTokens:
     scores: torch.Tensor | None = None
     num_uncompressed: int | None = None
     blocks: list[tuple[int, tuple[int, int]]] | None = None
+    source: torch.Tensor | None = None
+    num_sources: int | None = None
 
     def __post_init__(self) -> None:
         if self.embeds.dim() != 2:
@@ -47,6 +59,23 @@ class VisualTokens:
             self.num_uncompressed = int(self.embeds.shape[0])
         if self.blocks is not None:
             self.blocks = check_blocks(self.blocks, self.num_uncompressed)
+        if (self.source is None) != (self.num_sources is None):
+            raise ValueError(
+                f"VisualTokens.source and num_sources go together, got source "
+                f"{'None' if self.source is None else 'set'} and num_sources={self.num_sources!r}"
+            )
+        if self.source is not None:
+            if self.source.shape != (self.embeds.shape[0],) or self.source.dtype != torch.long:
+                raise ValueError(
+                    f"VisualTokens.source must be a LongTensor [K={self.embeds.shape[0]}], got "
+                    f"{self.source.dtype} of shape {tuple(self.source.shape)}"
+                )
+            n = int(self.num_sources)
+            if self.source.numel() and (int(self.source.min()) < -1 or int(self.source.max()) >= n):
+                raise ValueError(
+                    f"VisualTokens.source must hold tower token indices in 0..{n - 1} (num_sources={n}) or -1 "
+                    f"for newlines, got values in {int(self.source.min())}..{int(self.source.max())}"
+                )
 
     @classmethod
     def full(cls, embeds: torch.Tensor, grid: tuple[int, int], frames: int = 1) -> "VisualTokens":
@@ -81,7 +110,29 @@ class VisualTokens:
             embeds=self.embeds[keep],
             index=self.index[keep],
             frame=None if self.frame is None else self.frame[keep],
+            source=None if self.source is None else self.source[keep.to(self.source.device)],
         )
+
+    @property
+    def is_newline(self) -> torch.Tensor:
+        """[K] bool: image-newline tokens (``source == -1``); all False without ``source``."""
+        if self.source is None:
+            return torch.zeros(self.num_tokens, dtype=torch.bool, device=self.embeds.device)
+        return (self.source == -1).to(self.embeds.device)
+
+    def grid_positions(self) -> torch.Tensor:
+        """[G] LongTensor: positions (into this object's tokens) of the grid tokens, i.e. not newlines."""
+        return torch.nonzero(~self.is_newline).flatten()
+
+    def keep_with_newlines(self, keep: torch.Tensor) -> "VisualTokens":
+        """``select`` the grid-token positions ``keep`` (any order) plus every newline token, in run order."""
+        keep = keep.to(device=self.embeds.device, dtype=torch.long)
+        if bool(self.is_newline[keep].any()):
+            raise ValueError(
+                f"keep_with_newlines() takes grid-token positions, got newline positions in {keep.tolist()}")
+        if torch.unique(keep).numel() != keep.numel():
+            raise ValueError(f"keep_with_newlines() needs distinct positions, got {keep.tolist()}")
+        return self.select(torch.cat([keep, torch.nonzero(self.is_newline).flatten()]).sort().values)
 
 
 def check_blocks(blocks, length: int) -> list[tuple[int, tuple[int, int]]]:

@@ -240,7 +240,8 @@ class VLMWrapper(nn.Module):
         return {k: kwargs.pop(k) for k in self.family.image_kwarg_names if kwargs.get(k) is not None}
 
     def _language_inputs(self, batch: AssembledBatch) -> dict[str, Any]:
-        inputs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask}
+        inputs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask,
+                  **self.family.language_inputs(batch)}  # e.g. Qwen2.5-VL's M-RoPE position_ids
         for stage in self.stages_of("position"):
             inputs["position_ids"] = stage.position_ids(batch)
         return inputs

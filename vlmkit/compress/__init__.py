@@ -4,9 +4,10 @@ Each method lives in its own module and is reached through the stage registry (`
 importing this package does no work beyond defining the shared budget rules below.
 
 Budget (``keep_ratio`` / ``num_keep``), shared by every pruning stage:
-  exactly one of the two is set; ``keep_ratio`` ∈ (0, 1] keeps ``max(1, floor(N · keep_ratio))`` of the
-  N uncompressed tokens of *each image* (all its tiles together); ``num_keep`` keeps exactly that many
-  per image and must not exceed the tokens of one tile (checked at ``wrap()`` time).
+  exactly one of the two is set; ``keep_ratio`` ∈ (0, 1] keeps ``max(1, floor(G · keep_ratio))`` of the
+  G uncompressed *grid* tokens of *each image* (all its tiles together); ``num_keep`` keeps exactly that
+  many per image and must not exceed the tokens of one tile (checked at ``wrap()`` time). Image-newline
+  tokens (``VisualTokens.source == -1``, LLaVA-NeXT / OneVision AnyRes) are always kept and never counted.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class PruneConfig(StageConfig):
 
 
 class PruneStage(Stage):
-    """Base of pruning stages: budget check at ``attach``; ``compress`` keeps ``select(tokens, k)`` of each image."""
+    """Base of pruning stages: budget check at ``attach``; ``compress`` keeps ``select(tokens, k)`` of each
+    image's grid tokens, plus its newline tokens (see the module docstring)."""
 
     def attach(self, family: "Family") -> None:
         n = family.tokens_per_tile
@@ -71,7 +73,7 @@ class PruneStage(Stage):
             )
 
     def select(self, tokens: "VisualTokens", num_keep: int) -> "torch.Tensor":
-        """[K] strictly increasing positions into ``tokens`` to keep (override)."""
+        """[K] strictly increasing positions into ``tokens`` (grid tokens only) to keep (override)."""
         raise NotImplementedError
 
     def compress(self, tokens: list["VisualTokens"]) -> list["VisualTokens"]:
@@ -82,5 +84,10 @@ class PruneStage(Stage):
                     f"{self.config.type} prunes uncompressed images ({t.num_uncompressed} tokens) but got "
                     f"{t.num_tokens}: put it before other compressors"
                 )
-            out.append(t.select(self.select(t, self.config.num_to_keep(t.num_tokens))))
+            grid = t.grid_positions()
+            if grid.numel() == t.num_tokens:  # no newline tokens
+                out.append(t.select(self.select(t, self.config.num_to_keep(t.num_tokens))))
+                continue
+            sub = t.select(grid)
+            out.append(t.keep_with_newlines(grid[self.select(sub, self.config.num_to_keep(sub.num_tokens))]))
         return out

@@ -3,6 +3,9 @@ under cosine distance of the projected visual tokens (reference: ``vbdi/divprune
 
 The first pick is the token farthest from its nearest neighbour; each next pick maximises the distance
 to the closest already-kept token. Kept indices are returned in original order. Training-free.
+Image-newline tokens (``VisualTokens.source == -1``, LLaVA-NeXT / OneVision) are always kept and the budget
+counts grid tokens only (``PruneStage.compress``); the diversity search runs on the grid
+tokens.
 """
 
 from __future__ import annotations

@@ -21,6 +21,18 @@ here (the notes mark them [2nd]/[recon]):
   whole and the remaining K mod w tokens are the highest-scoring tokens of the next-best row (so K < w
   keeps the best tokens of the best row). Ties go to the lower index. Tiled images (InternVL) are
   pruned per image over all tiles: ``rank`` over every token, ``row`` over the ``tiles·h`` rows.
+- Images whose run is not the tower's tile-major token order (``VisualTokens.source`` set: LLaVA-NeXT /
+  OneVision AnyRes, base tile + cropped stitched grid + image-newline tokens): the recorded per-tile
+  scores are gathered through ``source`` (token at run position p gets the score of tower token
+  ``source[p]``; patches the model cropped are simply not in the run). Newline tokens (``source == -1``)
+  are always kept and do not count: ``keep_ratio`` / ``num_keep`` give the exact number of kept *grid*
+  tokens, ``max(1, floor(G · keep_ratio))`` of the G grid tokens. ``row`` then ranks the rows of the run
+  as the language model sees them, i.e. the rows of ``VisualTokens.blocks`` without their newline (the
+  base tile's h rows of w, then the stitched grid's R rows of C), not the rows of the tower tiles (which
+  include cropped padding); rows of different length are taken whole in order of mean score while they
+  fit, and the first that does not fit gives its best remaining tokens (``fopru_select_rows``; for rows
+  of equal width this is exactly the rule above). ``VisualTokens.scores`` is then [N] over the run
+  positions, NaN for newlines.
 """
 
 from __future__ import annotations
@@ -85,6 +97,55 @@ def fopru_select(scores: torch.Tensor, grid_hw: tuple[int, int], num_keep: int, 
         best = torch.sort(in_row, dim=1, descending=True, stable=True).indices[:, :rem]
         parts.append(nxt[:, None] * w + best)
     return torch.cat(parts, dim=1).sort(dim=1).values
+
+
+def fopru_select_rows(scores: torch.Tensor, row: torch.Tensor, num_keep: int, strategy: str) -> torch.Tensor:
+    """FoPru's selection over tokens grouped in rows of any length: scores [G], row [G] (row id of each token,
+    any ints) -> LongTensor [K] of increasing positions into the G tokens.
+
+    ``rank``: the K highest scores. ``row``: rows ranked by mean score (ties: lower row id); whole rows are
+    taken in that order while they fit in K, and the first row that does not fit gives its K - taken
+    highest-scoring tokens. Ties between tokens go to the lower position.
+    """
+    if scores.dim() != 1 or row.shape != scores.shape:
+        raise ValueError(f"scores and row must both be [G], got shapes {tuple(scores.shape)} and {tuple(row.shape)}")
+    G = int(scores.numel())
+    if not 1 <= num_keep <= G:
+        raise ValueError(f"num_keep must be in 1..{G}, got {num_keep}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown FoPru strategy {strategy!r}; accepted: {list(STRATEGIES)}")
+    if strategy == "rank":
+        return torch.sort(scores, descending=True, stable=True).indices[:num_keep].sort().values
+    ids = torch.unique(row)  # sorted row ids
+    members = [torch.nonzero(row == r).flatten() for r in ids.tolist()]
+    means = torch.stack([scores[m].mean() for m in members])
+    parts, taken = [], 0
+    for r in torch.sort(means, descending=True, stable=True).indices.tolist():
+        m = members[r]
+        if taken + m.numel() <= num_keep:
+            parts.append(m)
+            taken += m.numel()
+        else:
+            parts.append(m[torch.sort(scores[m], descending=True, stable=True).indices[: num_keep - taken]])
+            taken = num_keep
+        if taken == num_keep:
+            break
+    return torch.cat(parts).sort().values
+
+
+def run_rows(tokens: VisualTokens) -> torch.Tensor:
+    """[K] row id of each token of ``tokens`` in its run: the rows of ``blocks`` one after the other, or the
+    ``tiles·h`` rows of ``grid`` width without blocks."""
+    index = tokens.index
+    if tokens.blocks is None:
+        return index // tokens.grid[1]
+    row = torch.empty_like(index)
+    base = 0
+    for offset, (h, w) in tokens.blocks:
+        inside = (index >= offset) & (index < offset + h * w)
+        row[inside] = base + (index[inside] - offset) // w
+        base += h
+    return row
 
 
 def find_attention(layer: nn.Module) -> nn.Module:
@@ -200,19 +261,32 @@ class FoPru(PruneStage):
             raise RuntimeError("FoPru.compress needs the scores recorded by its vision_context (use VLMWrapper)")
         scores = torch.cat(self._records) if self._records else torch.empty(0)
         per_tile = self._patch_grid[0] * self._patch_grid[1] // self._factor**2
-        if scores.shape[0] * per_tile != sum(t.num_uncompressed for t in tokens):
+        # tower tokens each image came from: num_sources with a source map, else its run (tile-major)
+        sizes = [t.num_uncompressed if t.source is None else int(t.num_sources) for t in tokens]
+        if scores.shape[0] * per_tile != sum(sizes):
             raise ValueError(
-                f"FoPru recorded {scores.shape[0]} tile(s) of attention but the images hold "
-                f"{sum(t.num_uncompressed for t in tokens)} tokens: another stage re-ran the vision tower?"
+                f"FoPru recorded {scores.shape[0]} tile(s) of attention ({scores.shape[0] * per_tile} tower tokens) "
+                f"but the images come from {sum(sizes)} tower tokens: another stage re-ran the vision tower?"
             )
         out, start = [], 0
-        for t in tokens:
+        for t, size in zip(tokens, sizes):
             if t.num_tokens != t.num_uncompressed:
                 raise ValueError("FoPru prunes uncompressed images: put it before other compressors")
-            tiles = t.num_uncompressed // per_tile
+            if size % per_tile:
+                raise ValueError(f"an image of {size} tower tokens is not a whole number of {per_tile}-token tiles")
+            tiles = size // per_tile
             s = scores[start : start + tiles].reshape(1, -1).to(t.embeds.device)
             start += tiles
-            h, w = t.grid
-            keep = fopru_select(s, (tiles * h, w), self.config.num_to_keep(t.num_tokens), self.config.strategy)[0]
-            out.append(dataclasses.replace(t, scores=s[0]).select(keep))
+            if t.source is None:
+                h, w = t.grid
+                keep = fopru_select(s, (tiles * h, w), self.config.num_to_keep(t.num_tokens), self.config.strategy)[0]
+                out.append(dataclasses.replace(t, scores=s[0]).select(keep))
+                continue
+            grid = t.grid_positions()
+            grid_scores = s[0][t.source[grid].to(s.device)]
+            run_scores = torch.full((t.num_tokens,), float("nan"), dtype=s.dtype, device=s.device)
+            run_scores[grid] = grid_scores
+            k = self.config.num_to_keep(int(grid.numel()))
+            keep = fopru_select_rows(grid_scores, run_rows(t)[grid], k, self.config.strategy)
+            out.append(dataclasses.replace(t, scores=run_scores).keep_with_newlines(grid[keep]))
         return out

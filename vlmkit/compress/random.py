@@ -1,4 +1,9 @@
-"""Random pruning baseline: keep a uniformly random subset of each image's tokens, in original order."""
+"""Random pruning baseline: keep a uniformly random subset of each image's tokens, in original order.
+
+Images with image-newline tokens (``VisualTokens.source == -1``, LLaVA-NeXT / OneVision AnyRes) keep every
+newline and draw the budget from their grid tokens only (``PruneStage.compress``), so
+``keep_ratio`` / ``num_keep`` count exactly the kept grid tokens, as in FoPru.
+"""
 
 from __future__ import annotations
 

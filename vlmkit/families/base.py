@@ -55,6 +55,25 @@ class Family:
         """[B, S] ids -> [B, S, D] input embeddings of the language model."""
         return self.model.get_input_embeddings()(input_ids)
 
+    # --- language model -----------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder backbone (``LlamaModel``/``Qwen2Model``…) that runs on ``inputs_embeds``."""
+        return self.model.model.language_model
+
+    @property
+    def rotary_embedding(self) -> nn.Module | None:
+        """The decoder's rotary-embedding module (what position schemes remap), or None if it has none."""
+        return getattr(self.language_model, "rotary_emb", None)
+
+    def language_inputs(self, batch) -> dict[str, Any]:
+        """Extra keyword arguments the decoder needs for an ``AssembledBatch`` (default: none).
+
+        Qwen2.5-VL returns its 3-D M-RoPE ``position_ids`` here: they depend on where every kept visual
+        token came from, which only the assembled batch knows.
+        """
+        return {}
+
     # --- vision -------------------------------------------------------------------------------
     @property
     def vision_tower(self) -> nn.Module:

@@ -10,6 +10,11 @@ from torch import nn
 _FAMILIES: dict[str, str] = {
     "llava": "vlmkit.families.llava:LlavaFamily",
     "internvl": "vlmkit.families.internvl:InternVLFamily",
+    "llava_next": "vlmkit.families.llava_next:LlavaNextFamily",
+    "llava_onevision": "vlmkit.families.llava_onevision:LlavaOnevisionFamily",
+    "smolvlm": "vlmkit.families.smolvlm:SmolVLMFamily",
+    "idefics3": "vlmkit.families.smolvlm:Idefics3Family",
+    "qwen2_5_vl": "vlmkit.families.qwen2_5_vl:Qwen2_5_VLFamily",
 }
 
 
