@@ -12,7 +12,8 @@ from vlmkit.cli import main
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["families"] == ["internvl", "llava"]
+    assert info["families"] == ["idefics3", "internvl", "llava", "llava_next", "llava_onevision", "qwen2_5_vl",
+                                "smolvlm"]
     assert info["packages"]["transformers"].startswith("5.")
 
 
@@ -34,6 +35,20 @@ def test_demo_writes_table_and_pictures(tmp_path, capsys):
     rows = json.loads((tmp_path / "demo_results.json").read_text())["rows"]
     full, pruned = rows[0], rows[1]
     assert pruned["visual_tokens_per_image"] == full["visual_tokens_per_image"] / 4
+
+
+def test_demo_reports_the_shipped_model_card_numbers(tmp_path):
+    """The main job on a fresh checkout: the shipped model scores at least its card's numbers minus 2 points."""
+    from vlmkit import demo
+
+    card = json.loads((demo.SHIPPED / "metrics.json").read_text())
+    report = demo.run(tmp_path, quiet=True)
+    assert report["model"] == str(demo.SHIPPED)
+    assert [r["stages"] for r in report["rows"]] == [r["stages"] for r in card["demo_rows"]]
+    for got, want in zip(report["rows"], card["demo_rows"]):
+        for metric in ("vqa_accuracy", "cIoU", "gIoU"):
+            assert got[metric] >= want[metric] - 0.02, (got["stages"], metric, got[metric], want[metric])
+        assert got["visual_tokens_per_image"] == want["visual_tokens_per_image"]
 
 
 def test_unknown_command_is_an_error(capsys):

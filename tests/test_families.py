@@ -298,3 +298,17 @@ def test_qwen_mrope_positions_equal_get_rope_index_and_survive_pruning():
         text_new = ppos[1:, b][:, real & ~pruned.visual_mask[b]]
         text_old = ref[:, b][:, full.attention_mask[b].bool() & ~full.visual_mask[b]]
         assert torch.equal(text_new, text_old)
+
+
+def test_readme_and_doc_show_the_matrix_the_tests_establish():
+    """README and docs/compat_matrix.md carry the table implied by KNOWN_LIMITS, which test_matrix_row
+    checks against real runs (unsupported cells exactly those, each failing with its documented error)."""
+    from pathlib import Path
+
+    expected = compat.to_markdown([
+        compat.CellResult(f, c, "unsupported" if (f, c) in KNOWN_LIMITS else "pass", "")
+        for f in FAMILIES for c in CELLS
+    ]).rstrip("\n")
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", "docs/compat_matrix.md"):
+        assert expected in (root / doc).read_text(), f"{doc}: regenerate with python scripts/compat_matrix.py"
