@@ -439,7 +439,7 @@ class PMPDecoder(nn.Module):
 def _linear_sum_assignment():
     try:
         from scipy.optimize import linear_sum_assignment
-    except ImportError:  # pragma: no cover - scipy is installed here; the greedy matcher is the fallback
+    except ImportError:  # pragma: no cover - scipy is a dependency; the greedy matcher is the fallback
         return None
     return linear_sum_assignment
 
