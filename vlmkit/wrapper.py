@@ -91,7 +91,9 @@ class VLMWrapper(nn.Module):
         A token already in the tokenizer is a collision (ValueError) unless ``expected`` (from a save) gives
         it that same id. Embeddings grow only when an id lies past the last row (vocabularies padded to a
         multiple, e.g. LLaVA-1.5's 32064 rows, already hold spare rows); ``resize_token_embeddings``
-        initialises new rows from the mean and covariance of the old ones.
+        initialises new rows from the mean and covariance of the old ones. A tokenizer cannot take tokens
+        back: if a stage's ``bind_tokens`` refuses the ids, they stay in the tokenizer (and the rows in the
+        model) although ``wrap`` fails.
         """
         wanted = {s: s.new_tokens() for s in self.stages}
         tokens = [t for ts in wanted.values() for t in ts]
