@@ -158,5 +158,5 @@ def test_load_with_extra_stages_keeps_saved_weights(tmp_path, family):
     fresh, _ = tiny_vlm(family, seed=0)
     loaded = vlmkit.load(fresh, tmp_path, extra=[DropEveryOtherConfig(scale=2.0)])
     assert [c.type for c in loaded.stage_configs] == ["test_drop_every_other", "test_hidden_sum_head"]
-    assert float(loaded.stages[1].weight) == 1.25  # the saved head moved from index 0 to 1
-    assert float(loaded.stages[0].scale) == 2.0  # the extra stage starts from its config
+    assert loaded.stages[1].weight.item() == 1.25  # the saved head moved from index 0 to 1
+    assert loaded.stages[0].scale.item() == 2.0  # the extra stage starts from its config
