@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from ..tokens import VisualTokens
 from .base import Family
 
 
@@ -107,23 +106,6 @@ class SmolVLMFamily(Family):
             if count:
                 raise ValueError("the tiles of an image do not end with a <global-img> tile")
         return tiles
-
-    def encode_images(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None, **image_kwargs
-    ) -> list[VisualTokens]:
-        self.check_pixel_values(pixel_values)
-        feats = self.image_features(pixel_values, **image_kwargs)
-        tiles = self.tiles_per_image(input_ids, len(feats))
-        if sum(tiles) != len(feats):
-            raise ValueError(
-                f"pixel_values holds {len(feats)} real image tile(s) but the image placeholder runs in input_ids "
-                f"need {sum(tiles)} (tiles per image: {tiles})"
-            )
-        out, start = [], 0
-        for n in tiles:
-            out.append(VisualTokens.full(torch.cat(feats[start : start + n]), self.grid, frames=n))
-            start += n
-        return out
 
 
 class Idefics3Family(SmolVLMFamily):
