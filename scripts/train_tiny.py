@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=200, help="held-out images for the final evaluation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--init", default=None, help="train on from the model saved in this folder")
     parser.add_argument("--card", action="store_true", help="after training: evaluate, run the demo, write the card")
     parser.add_argument("--card-only", action="store_true", help="no training: write the card of the run in --out")
     parser.add_argument("--train-command", default=None, help="with --card-only: the command that trained it")
@@ -49,7 +50,7 @@ def main() -> None:
         info = train(args.out, steps=args.steps, vision_steps=args.vision_steps, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, curriculum_steps=args.curriculum_steps,
                      refseg_prob=args.refseg_prob, eval_every=args.eval_every, save_every=args.save_every,
-                     quiet=args.quiet)
+                     quiet=args.quiet, init=args.init)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(args.out).eval()

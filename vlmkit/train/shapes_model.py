@@ -200,17 +200,22 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch_size: int = 16, lr: float = 1e-3,
           seed: int = 0, curriculum_steps: int = 400, refseg_prob: float = 0.5, aux_weight: float = 0.5,
-          eval_every: int = 0, save_every: int = 50, quiet: bool = False, arch: TinyArch = TinyArch()) -> dict:
-    """Train from scratch and save the model, processor and a training log to ``out_dir``.
+          eval_every: int = 0, save_every: int = 50, quiet: bool = False, arch: TinyArch = TinyArch(),
+          init: str | Path | None = None) -> dict:
+    """Train (from scratch, or on from the model saved in ``init``) and save the model, processor and a
+    training log to ``out_dir``.
 
     The model is also saved every ``save_every`` joint steps (overwriting), so a stopped run leaves its
-    latest weights behind.
+    latest weights behind. With ``init``, the auxiliary head starts fresh (it is not shipped): give it a few
+    ``vision_steps``.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, processor = build_model(arch, seed)
+    if init is not None:  # the same architecture and vocabulary, trained weights
+        model = type(model).from_pretrained(init)
     aux = AuxHead(arch.vision_hidden, len(class_names()))
     model.train()
     params = list(model.parameters()) + list(aux.parameters())
