@@ -223,3 +223,46 @@ def test_config_round_trip_and_validation():
                        (dict(hidden_dim=30, num_heads=4), "hidden_dim")]:
         with pytest.raises(ValueError, match=match):
             FrozenSegConfig(**bad)
+
+
+def test_dense_evaluation_on_an_ade20k_style_task(clip_model, tmp_path):
+    """evaluate_semantic runs a FrozenSeg model over an ADE20K-format task and scores it exactly as
+    metrics.mean_iou does on the same predictions (reduce_zero_label, mmseg)."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmkit.evaluation.metrics import mean_iou
+    from vlmkit.evaluation.semantic import _resize_shape, evaluate_semantic
+
+    rng = np.random.default_rng(0)
+    img_dir, ann_dir = tmp_path / "ade" / "images", tmp_path / "ade" / "annotations"
+    img_dir.mkdir(parents=True)
+    ann_dir.mkdir(parents=True)
+    labels = []
+    for i, (h, w) in enumerate([(48, 80), (70, 60)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(img_dir / f"{i}.jpg")
+        label = rng.integers(0, 4, (h, w)).astype(np.uint8)  # 0 = other (ignored), 1..3 = the three classes
+        Image.fromarray(label).save(ann_dir / f"{i}.png")
+        labels.append(label)
+    task = tmp_path / "tiny_ade.yaml"
+    task.write_text("""task: tiny_ade
+dataset: {format: ade20k, images: ade/images, annotations: ade/annotations}
+doc_to_text: "unused by dense models"
+parser: {name: text4seg_semantic, class_names: [cat, dog, tree]}
+metric_list:
+  - {metric: mean_iou, num_classes: 3, reduce_zero_label: true, mode: mmseg}
+""")
+    model = _model(clip_model)
+    got = evaluate_semantic(model, str(task), data_root=tmp_path, size=64)
+
+    preds = []
+    for i, label in enumerate(labels):
+        x = torch.from_numpy(np.asarray(Image.open(img_dir / f"{i}.jpg").convert("RGB"), dtype=np.float32))
+        x = torch.nn.functional.interpolate(x.permute(2, 0, 1)[None], size=_resize_shape(*label.shape, 64),
+                                            mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            scores = model.semantic_segmentation(model(x, classes=["cat", "dog", "tree"]), size=label.shape)
+        preds.append(scores[0].argmax(0).numpy())
+    ref = mean_iou(preds, labels, num_classes=3, reduce_zero_label=True)
+    assert abs(got["mIoU"] - ref["mIoU"]) < 1e-6 and abs(got["aAcc"] - ref["aAcc"]) < 1e-6
+    assert _resize_shape(48, 80, 64) == (64, 96) and _resize_shape(70, 60, 64) == (64, 64)
