@@ -460,3 +460,11 @@ def test_backbones_follow_the_stage_dtype(tiny):
 def test_bad_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ExpertsConfig(**kwargs)
+
+
+def test_tiled_families_are_refused_at_wrap():
+    from vlmkit.testing import tiny_vlm
+
+    model, _ = tiny_vlm("internvl", seed=0)
+    with pytest.raises(ValueError, match="'internvl' tiles its images"):
+        vlmkit.wrap(model, ExpertsConfig(experts=[{"name": "own"}]))

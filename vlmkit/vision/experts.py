@@ -96,6 +96,9 @@ from ..position.rotary import patch_forward
 from ..stage import Stage
 from ..tokens import VisualTokens
 
+#: families whose pixel_values hold one row per image (tiled families would need per-tile experts)
+SINGLE_TILE_FAMILIES = ("llava",)
+
 if TYPE_CHECKING:
     from ..families.base import Family
     from ..sequence import AssembledBatch
@@ -646,6 +649,9 @@ class ExpertsStage(Stage):
         return list(self._experts)
 
     def attach(self, family: "Family") -> None:
+        if family.model_type not in SINGLE_TILE_FAMILIES:
+            raise ValueError(f"ExpertsConfig needs one pixel_values row per image (families "
+                             f"{list(SINGLE_TILE_FAMILIES)}); {family.model_type!r} tiles its images")
         if self._experts:  # already built (attach after detach): keep the trained fusion modules
             return
         embeddings = family.model.get_input_embeddings()
