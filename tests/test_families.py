@@ -39,12 +39,12 @@ def test_matrix_row(family):
 
 def test_matrix_markdown_marks_and_explains_unsupported_cells():
     results = [compat.CellResult("llava", "identity", "pass", ""),
-               compat.CellResult("smolvlm", "identity", "pass", ""),
-               compat.CellResult("llava", "mousi", "pass", ""),
-               compat.CellResult("smolvlm", "mousi", "unsupported", "")]
+               compat.CellResult("qwen2_5_vl", "identity", "pass", ""),
+               compat.CellResult("llava", "v2pe", "pass", ""),
+               compat.CellResult("qwen2_5_vl", "v2pe", "unsupported", "")]
     text = compat.to_markdown(results)
-    assert "| smolvlm | ✅ | ❌ (1) |" in text
-    assert "1. " + KNOWN_LIMITS[("smolvlm", "mousi")].reason in text
+    assert "| qwen2_5_vl | ✅ | ❌ (1) |" in text
+    assert "1. " + KNOWN_LIMITS[("qwen2_5_vl", "v2pe")].reason in text
 
 
 # --- unsupported checkpoints fail at wrap() with the list of families ---------------------------------

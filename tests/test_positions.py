@@ -203,6 +203,25 @@ def test_mousi_padding_two_images_and_tiles():
     assert _row("original", image_id, index, widths, lengths, mask) == [1, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14]
 
 
+def test_mousi_tiles_split_by_text_are_blocks_each():
+    # one image of three 1×2 tiles (h=1, w=2) whose runs are separated by marker text (SmolVLM), the last
+    # tile pruned to its second cell: a t0 t0 m t1 t1 m t2 b
+    image_id = [-1, 0, 0, -1, 0, 0, -1, 0, -1]
+    index = [-1, 0, 1, -1, 2, 3, -1, 5, -1]
+    rows = {mode: mousi_position_ids(mode, torch.ones(1, 9, dtype=torch.long), torch.tensor([image_id]),
+                                     torch.tensor([index]), [2], [6], None, [1])[0].tolist()
+            for mode in ("shared", "row", "original")}
+    assert rows["shared"] == [0, 1, 1, 2, 3, 3, 4, 5, 6]
+    assert rows["row"] == [0, 1, 1, 2, 3, 3, 4, 5, 6]
+    assert rows["original"] == [0, 1, 2, 3, 4, 5, 6, 8, 9]  # the pruned cell keeps its slot; b after the tile
+    # 2×2 tiles: row mode counts the tile's rows
+    image_id = [-1, 0, 0, 0, -1, 0, 0, -1]
+    index = [-1, 0, 2, 3, -1, 4, 7, -1]
+    row = mousi_position_ids("row", torch.ones(1, 8, dtype=torch.long), torch.tensor([image_id]),
+                             torch.tensor([index]), [2], [8], None, [2])[0].tolist()
+    assert row == [0, 1, 2, 2, 3, 4, 5, 6]
+
+
 def test_mousi_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         _row("diagonal", [-1, 0], [-1, 0], [1], [1])

@@ -54,18 +54,11 @@ _QWEN_POSITIONS = Limit(
     reason="position schemes remap 1-D positions; Qwen's decoder uses 3-D M-RoPE positions (wrap() refuses; "
            "families/qwen2_5_vl.py documents what each scheme would mean under M-RoPE)",
     match="position schemes need 1-D RoPE")
-_TILES_MOUSI = Limit(
-    reason="an image's tiles are separated by <row_r_col_c> marker tokens, so its visual tokens are not one "
-           "contiguous run, which MouSi positions require (single-tile images work)", match="are not contiguous",
-    fix="mousi_position_ids lays out each contiguous run of an image as its own block")
-
 KNOWN_LIMITS: dict[tuple[str, str], Limit] = {
     ("qwen2_5_vl", "fopru_rank"): _QWEN_FOPRU,
     ("qwen2_5_vl", "fopru_row"): _QWEN_FOPRU,
     ("qwen2_5_vl", "v2pe"): _QWEN_POSITIONS,
     ("qwen2_5_vl", "mousi"): _QWEN_POSITIONS,
-    ("smolvlm", "mousi"): _TILES_MOUSI,
-    ("idefics3", "mousi"): _TILES_MOUSI,
 }
 
 

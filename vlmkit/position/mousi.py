@@ -16,11 +16,18 @@ position (K experts → K positions), with ``"row"`` a block of an R×C grid tak
     shared     0   1   1   2   2   2   2   3
     row        0   1   1   2   2   3   3   4
     original   0   1   2   3   4   5   6   7
+
+An image whose tiles reach the language model as several runs separated by text (SmolVLM / Idefics3 put
+``<row_r_col_c>`` markers between tiles) lays out each run as its own block of the tiles it holds, by the
+same rule, with the marker text between them advancing by 1 as any text ([choice]; a tile whose tokens
+were all pruned takes no positions). Tiles t0..t1 of an h×w grid in one run: ``"shared"`` 1 position,
+``"row"`` (t1-t0+1)·h, ``"original"`` (t1-t0+1)·h·w.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -80,6 +87,7 @@ def mousi_position_ids(
     image_widths: Sequence[int],
     image_lengths: Sequence[int],
     image_blocks: Sequence[Sequence[tuple[int, tuple[int, int]]] | None] | None = None,
+    image_heights: Sequence[int] | None = None,
 ) -> torch.LongTensor:
     """MouSi positions [B, S] (LongTensor; padding gets 1) for ``mode`` (see ``MouSiPositionConfig``).
 
@@ -87,7 +95,9 @@ def mousi_position_ids(
     the slot's cell in its image's uncompressed run (``VisualTokens.index``); image_widths[i] / image_lengths[i]:
     grid width and uncompressed token count of image i (all tiles). ``image_blocks[i]``, when given and not
     None, is image i's ``VisualTokens.blocks`` (expert sub-grids, laid out one after the other; its width
-    is then unused). Slots are read per row in order; the tokens of one image must be contiguous.
+    is then unused). Slots are read per row in order. ``image_heights[i]`` (grid height of one tile) is
+    needed only for an image whose tokens come as several runs (tiles separated by text): each run is then
+    laid out as its own block of the tiles it holds (module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
@@ -101,10 +111,10 @@ def mousi_position_ids(
         raise ValueError(f"{len(image_blocks)} image block layouts but {len(image_lengths)} image lengths")
     B, S = attention_mask.shape
     out = torch.ones((B, S), dtype=torch.long, device=attention_mask.device)
-    seen: set[tuple[int, int]] = set()
     for b, cols, segments in visual_runs(visual_mask, attention_mask, image_id):
         pos = torch.empty(cols.numel(), dtype=torch.long, device=attention_mask.device)
         counter = -1
+        runs_of = Counter(key for _, _, key in segments if key >= 0)
         for start, end, key in segments:
             n = end - start
             if key < 0:  # text
@@ -113,9 +123,6 @@ def mousi_position_ids(
                 continue
             if key >= len(image_lengths):
                 raise ValueError(f"image_id {key} but only {len(image_lengths)} image sizes given")
-            if (b, key) in seen:
-                raise ValueError(f"the visual tokens of image {key} are not contiguous in row {b}")
-            seen.add((b, key))
             blocks = None if image_blocks is None else image_blocks[key]
             w, length = int(image_widths[key]), int(image_lengths[key])
             if blocks is None and (w <= 0 or length <= 0 or length % w):
@@ -124,6 +131,14 @@ def mousi_position_ids(
             if bool((index < 0).any()) or bool((index >= length).any()):
                 raise ValueError(f"image {key}: visual_index outside [0, {length})")
             L = counter
+            if runs_of[key] > 1:  # tiles separated by text: this run is a block of the tiles it holds
+                if blocks is not None or image_heights is None:
+                    raise ValueError(f"the visual tokens of image {key} are not contiguous in row {b} "
+                                     "(several runs need image_heights and no expert blocks)")
+                offset, span = _tile_run_positions(mode, index, int(image_heights[key]), w)
+                pos[start:end] = L + offset
+                counter = L + span
+                continue
             if blocks is not None:
                 offset, span = _block_positions(mode, index, blocks, length, key)
                 pos[start:end] = L + offset
@@ -140,6 +155,19 @@ def mousi_position_ids(
                 counter = L + length
         out[b, cols] = pos
     return out
+
+
+def _tile_run_positions(mode: str, index: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, int]:
+    """Offsets from ``L + 1`` of one run of an image's tokens (run positions ``index`` [K], tiles of h×w),
+    and the positions the run spans: the tiles from its first to its last token, uncompressed."""
+    tile = h * w
+    first, last = int(index.min()) // tile, int(index.max()) // tile
+    local = index - first * tile
+    if mode == "shared":
+        return torch.ones_like(index), 1
+    if mode == "row":
+        return 1 + torch.div(local, w, rounding_mode="floor"), (last - first + 1) * h
+    return 1 + local, (last - first + 1) * tile  # original
 
 
 def _block_positions(mode: str, index: torch.Tensor, blocks, length: int, key: int) -> tuple[torch.Tensor, int]:
@@ -172,5 +200,5 @@ class MouSiPosition(PositionStage):
         return mousi_position_ids(
             self.config.mode, batch.attention_mask, batch.image_id, batch.visual_index,
             [t.grid[1] for t in batch.tokens], [t.num_uncompressed for t in batch.tokens],
-            [getattr(t, "blocks", None) for t in batch.tokens],
+            [getattr(t, "blocks", None) for t in batch.tokens], [t.grid[0] for t in batch.tokens],
         ).to(torch.float64)
