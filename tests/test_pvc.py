@@ -200,3 +200,31 @@ def test_pvc_cannot_be_combined_with_another_compressor():
     model, _ = tiny_vlm("llava")
     with pytest.raises(ValueError, match=r"'pvc' cannot be combined with other compressor stages, got \['pvc', 'fopru'\]"):
         vlmkit.wrap(model, vlmkit.PVCConfig(frames=1, tokens_per_frame=16), vlmkit.FoPruConfig(keep_ratio=0.5))
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_video_frames_in_a_prompt_are_one_causal_video(family):
+    """forward/generate(video_frames=[...]): consecutive single-tile images of a prompt are one video's
+    frames, encoded as encode_video encodes them; a lone image keeps the static-video path."""
+    model, processor = _tiny(family)
+    wrapped = vlmkit.wrap(model, _pvc(family))
+    _perturb(wrapped.stages[0], seed=5)
+    batch = make_batch(processor, QUESTIONS[:1], [4], seed=3)
+    pv, ids = batch["pixel_values"], batch["input_ids"]
+    if pv.shape[0] != 4:
+        pytest.skip(f"the tiny {family} processor tiled the images ({pv.shape[0]} rows)")
+    with torch.no_grad():
+        grouped = wrapped.encode_visual(pv, ids, video_frames=[1, 3])
+        video = wrapped.stages[0].encode_video(wrapped.family, pv[1:])
+        alone = wrapped.encode_visual(pv[:1])  # the first image on its own (one tile)
+    assert [t.num_tokens for t in grouped] == [4 * 4, 4, 4, 4]  # the image: 4 static frames; video: 4 per frame
+    torch.testing.assert_close(torch.cat([t.embeds for t in grouped[1:]]), video.embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped[0].embeds, alone[0].embeds, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out = wrapped(**batch, video_frames=[1, 3])
+        gen = wrapped.generate(**batch, video_frames=[1, 3], max_new_tokens=2, do_sample=False)
+        assembled = wrapped.assemble(ids, pv, batch["attention_mask"], video_frames=[1, 3])
+    assert assembled.visual_tokens_per_sample == [16 + 3 * 4]
+    assert torch.isfinite(out.logits).all() and gen.shape == (1, ids.shape[1] + 2)
+    with pytest.raises(ValueError, match="summing to the 4 images"):
+        wrapped.encode_visual(pv, ids, video_frames=[2, 3])

@@ -4,7 +4,9 @@ A stage implements only the hooks of its role (see ``StageConfig.role``):
 
 - ``vision_context(family)``: a context manager active while the vision tower runs (encoder stages,
   and compressors that read the tower's attention, e.g. FoPru).
-- ``compress(tokens)``: compressor stages map ``list[VisualTokens]`` to fewer tokens, order kept.
+- ``compress(tokens)``: compressor stages map ``list[VisualTokens]`` to fewer tokens, order kept
+  (``compress_input_names`` are extra ``forward`` / ``generate`` arguments it takes, e.g. PVC's
+  ``video_frames``).
 - ``position_ids(batch)``: position stages return positions for an assembled batch.
 - ``language_context(family, batch)``: a context manager active while the language model runs
   (``forward`` or the whole ``generate``), e.g. to remap positions inside the rotary embedding.
@@ -40,6 +42,8 @@ class Stage(nn.Module):
 
     #: extra keyword arguments of ``VLMWrapper.forward`` this head consumes (passed to ``head_forward``)
     head_input_names: ClassVar[tuple[str, ...]] = ()
+    #: extra keyword arguments of ``forward`` / ``generate`` this compressor takes (passed to ``compress``)
+    compress_input_names: ClassVar[tuple[str, ...]] = ()
     #: ``True``: ``forward`` asks the language model for ``hidden_states`` (for ``head_forward``)
     needs_hidden_states: ClassVar[bool] = False
 

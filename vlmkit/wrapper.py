@@ -184,8 +184,11 @@ class VLMWrapper(nn.Module):
     ) -> list[VisualTokens]:
         """The ``VisualTokens`` (one per image) this wrapper would feed the language model.
 
-        ``input_ids`` are needed only to group the tiles of tiled families into images.
+        ``input_ids`` are needed only to group the tiles of tiled families into images; ``image_kwargs``
+        also carry the compressors' ``compress_input_names`` (e.g. PVC's ``video_frames``).
         """
+        names = {n for s in self.stages_of("compressor") for n in s.compress_input_names}
+        stage_inputs = {n: image_kwargs.pop(n) for n in names if image_kwargs.get(n) is not None}
         encoder = self._encoder()
         with contextlib.ExitStack() as stack:
             for stage in self.stages:
@@ -195,7 +198,8 @@ class VLMWrapper(nn.Module):
             if tokens is None:
                 tokens = self.family.encode_images(pixel_values, input_ids, **image_kwargs)
             for stage in self.stages_of("compressor"):
-                tokens = stage.compress(tokens)
+                given = {n: stage_inputs[n] for n in stage.compress_input_names if n in stage_inputs}
+                tokens = stage.compress(tokens, **given)
         return tokens
 
     def _encoder(self) -> Stage | None:
@@ -239,7 +243,13 @@ class VLMWrapper(nn.Module):
                                        self.family.placeholder_id, self.family.pad_token_id)
 
     def _split_image_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {k: kwargs.pop(k) for k in self.family.image_kwarg_names if kwargs.get(k) is not None}
+        """Pop what the image pipeline takes: the family's image kwargs and the compressors' inputs."""
+        names = [*self.family.image_kwarg_names,
+                 *(n for s in self.stages_of("compressor") for n in s.compress_input_names)]
+        found = {k: kwargs.pop(k) for k in names if kwargs.get(k) is not None}
+        for k in names:
+            kwargs.pop(k, None)  # given as None: nothing to pass on
+        return found
 
     def _language_inputs(self, batch: AssembledBatch) -> dict[str, Any]:
         inputs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask,

@@ -4,8 +4,13 @@ not training-free**: its new parameters must be fine-tuned (PEFT ``modules_to_sa
 Reimplemented from the paper description (reference/compression_pe.md §3; the released model code is
 remote code for transformers 4.37). What this module does:
 
-- Frames: an image (each tile of it) becomes a static video of ``frames`` identical frames;
-  ``encode_video`` takes a real video's frames as they are.
+- Frames: an image (each tile of it) becomes a static video of ``frames`` identical frames. A real
+  video's frames are used as they are: ``forward`` / ``generate`` take ``video_frames`` (frames per
+  video, in the order of the images: ``[1, 8, 1]`` = an image, an 8-frame video, an image), where the
+  frames of a video are consecutive single-tile images of the prompt (as InternVL's processor emits a
+  video: one ``<img>…</img>`` run per frame). Frame t of a video runs through the tower with frame index
+  t and the temporal caches of frames 0…t-1 of that video only, and its run gets ``tokens_per_frame``
+  tokens. ``encode_video`` does the same for one video's pixels outside a prompt.
 - Progressive encoding: the ``temporal_layers`` vision layers ending at the feature layer gain
   (a) a causal temporal attention block before the layer: each token attends to the token at the same
   spatial position in the current and earlier frames; (b) AdaLN conditioning on the frame index
@@ -161,6 +166,8 @@ class _Run:
 class PVC(Stage):
     """Trainable PVC stage (see the module docstring). Submodules ``temporal`` and ``compressor``."""
 
+    compress_input_names = ("video_frames",)
+
     def __init__(self, config: PVCConfig) -> None:
         super().__init__(config)
         self._run: _Run | None = None
@@ -264,12 +271,14 @@ class PVC(Stage):
         frame = index // (self._grid[0] * self._grid[1])
         return VisualTokens(embeds, index, self._grid, frame=frame, num_uncompressed=num_uncompressed)
 
-    def compress(self, tokens: list[VisualTokens]) -> list[VisualTokens]:
+    def compress(self, tokens: list[VisualTokens], video_frames=None) -> list[VisualTokens]:
         run = self._run
         if run is None or run.pixel_values is None:
             raise RuntimeError("PVC.compress runs inside its vision_context, after the vision tower (use VLMWrapper)")
         if any(t.num_tokens != t.num_uncompressed for t in tokens):
             raise ValueError("PVC encodes uncompressed images: put it before other compressors")
+        if video_frames is not None:
+            return self._compress_with_videos(tokens, video_frames)
         n = run.family.tokens_per_tile
         frames = [torch.cat([t.embeds for t in tokens]).reshape(-1, n, tokens[0].embeds.shape[-1])]
         for index in range(1, self.config.frames):  # the same pixels, one frame index further
@@ -283,16 +292,48 @@ class PVC(Stage):
             start += tiles
         return out
 
+    def _compress_with_videos(self, tokens: list[VisualTokens], video_frames) -> list[VisualTokens]:
+        """``compress`` when ``video_frames`` groups the images into videos (module docstring)."""
+        groups = [int(v) for v in (video_frames.tolist() if torch.is_tensor(video_frames) else video_frames)]
+        if any(g < 1 for g in groups) or sum(groups) != len(tokens):
+            raise ValueError(f"video_frames={groups} must be counts >= 1 summing to the {len(tokens)} images of "
+                             "the batch (1 for an image, T for a video of T frames)")
+        run, n = self._run, self._run.family.tokens_per_tile
+        tiles = [t.num_uncompressed // n for t in tokens]
+        starts = [sum(tiles[:i]) for i in range(len(tiles))]
+        q2 = self.config.tokens_per_frame
+        out, i = [], 0
+        for g in groups:
+            rows = run.pixel_values[starts[i] : starts[i] + sum(tiles[i : i + g])]
+            if g == 1:  # an image: a static video of its own pixels
+                packed = self._compress_frames(self._run_frames([rows] * self.config.frames))
+                out.append(self._new_tokens(packed.flatten(0, 1), tokens[i].num_uncompressed))
+            else:
+                if any(tiles[j] != 1 for j in range(i, i + g)):
+                    raise ValueError(f"video frames must be single-tile images, got tiles {tiles[i : i + g]}")
+                packed = self._compress_frames(self._run_frames([rows[t : t + 1] for t in range(g)]))[0]
+                out += [self._new_tokens(packed[t * q2 : (t + 1) * q2], tokens[i + t].num_uncompressed)
+                        for t in range(g)]
+            i += g
+        return out
+
+    def _run_frames(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """Frame t = the tower on ``pixels[t]`` [M, C, H, W] with frame index t, after frames 0..t-1 (fresh
+        temporal caches): projected features [M, T, h·w, D]."""
+        run = self._run
+        run.caches = [[] for _ in self._layers]  # the hooks read run.caches[j] at call time
+        feats = []
+        for t, px in enumerate(pixels):
+            run.frame = t
+            feats.append(torch.stack(run.family.image_features(px)))
+        return torch.stack(feats, dim=1)
+
     def encode_video(self, family, frames: torch.Tensor, num_uncompressed: int | None = None) -> VisualTokens:
         """A video's frames as they are: pixel_values [T, C, H, W] -> VisualTokens of T·tokens_per_frame tokens.
 
         ``num_uncompressed`` is the length of the video's placeholder run (default T·tokens_per_frame).
         """
         with self.vision_context(family):
-            feats = []
-            for t in range(frames.shape[0]):
-                self._run.frame = t
-                feats.append(torch.stack(family.image_features(frames[t : t + 1]))[0])
-            embeds = self._compress_frames(torch.stack(feats)[None])[0]
+            embeds = self._compress_frames(self._run_frames([frames[t : t + 1] for t in range(frames.shape[0])]))[0]
             n = embeds.shape[0]
             return self._new_tokens(embeds, n if num_uncompressed is None else num_uncompressed)
