@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -35,6 +36,15 @@ def family(request):
 
 @pytest.fixture
 def tiny(family):
+    from vlmkit.testing import tiny_vlm
+
+    return tiny_vlm(family, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_tiny(family: str):
+    """The tiny model of ``family`` (seed 0), built once per session: only for tests that never change its
+    weights (they may train stage parameters on top of it)."""
     from vlmkit.testing import tiny_vlm
 
     return tiny_vlm(family, seed=0)

@@ -7,12 +7,11 @@ References are independent of the code under test: hand-computed selections, the
 from __future__ import annotations
 
 import copy
-import functools
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_batch
+from conftest import make_batch, shared_tiny
 
 import vlmkit
 from vlmkit.compress.divprune import divprune_select
@@ -23,15 +22,10 @@ QUESTIONS = ["what color is the circle ?", "how many shapes are there ?", "is th
 TOKENS_PER_TILE = 16  # both tiny models: 4×4 visual tokens per tile
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny(family):
-    return tiny_vlm(family, seed=0)
-
-
 @pytest.fixture
 def tiny(family):
-    """The tiny model of ``family``, built once for this module (no test here changes its weights)."""
-    return _tiny(family)
+    """The tiny model of ``family``, built once (no test here changes its weights)."""
+    return shared_tiny(family)
 
 
 def _pruners(**budget):
@@ -379,7 +373,7 @@ def test_source_is_validated_and_carried_by_select():
 
 def _fopru_on(tokens, records, **config):
     """``FoPru.compress`` of a tiny LLaVA FoPru stage on ``tokens`` with the recorded tile scores ``records``."""
-    model, _ = _tiny("llava")
+    model, _ = shared_tiny("llava")
     wrapped = vlmkit.wrap(model, vlmkit.FoPruConfig(**config))
     fopru = wrapped.stages[0]
     try:
@@ -457,12 +451,12 @@ def test_fopru_select_rows_by_hand_and_equal_rows_match_fopru_select():
 def test_random_and_divprune_keep_newlines_and_count_grid_tokens():
     t = _with_newlines()
     grid = t.grid_positions()
-    random = vlmkit.wrap(_tiny("llava")[0], vlmkit.RandomPruneConfig(keep_ratio=0.5, seed=7))
+    random = vlmkit.wrap(shared_tiny("llava")[0], vlmkit.RandomPruneConfig(keep_ratio=0.5, seed=7))
     (kept,) = random.stages[0].compress([t])
     vlmkit.unwrap(random)
     pick = torch.randperm(10, generator=torch.Generator().manual_seed(7))[:5]  # 5 of the 10 grid tokens
     assert kept.index.tolist() == sorted(grid[pick].tolist() + [7, 11])
-    div = vlmkit.wrap(_tiny("llava")[0], vlmkit.DivPruneConfig(num_keep=4))
+    div = vlmkit.wrap(shared_tiny("llava")[0], vlmkit.DivPruneConfig(num_keep=4))
     (kept,) = div.stages[0].compress([t])
     vlmkit.unwrap(div)
     assert kept.index.tolist() == sorted(grid[divprune_select(t.embeds[grid], 4)].tolist() + [7, 11])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch
+from conftest import make_batch, shared_tiny
 
 import vlmkit
 from vlmkit.testing import tiny_vlm
@@ -21,15 +20,10 @@ def _pvc(family, **kw):
     return vlmkit.PVCConfig(**{"frames": 4, "tokens_per_frame": 4, "temporal_layers": LAYERS[family], **kw})
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny(family):
-    return tiny_vlm(family, seed=0)
-
-
 @pytest.fixture
 def tiny(family):
-    """Built once per module; tests that train freeze and restore nothing of the base (it stays frozen)."""
-    return _tiny(family)
+    """Built once; tests that train change only PVC parameters (the base stays frozen)."""
+    return shared_tiny(family)
 
 
 def _base_features(model, pixel_values):
@@ -123,7 +117,7 @@ def test_training_changes_only_pvc_parameters(tiny, family):
 
 
 def test_temporal_attention_is_causal():
-    model, _ = _tiny("internvl")
+    model, _ = shared_tiny("internvl")
     wrapped = vlmkit.wrap(model, _pvc("internvl"))
     stage = wrapped.stages[0]
     _perturb(stage)
@@ -144,7 +138,7 @@ def test_temporal_attention_is_causal():
 
 
 def test_fresh_video_frames_are_used_as_they_are():
-    model, _ = _tiny("llava")
+    model, _ = shared_tiny("llava")
     wrapped = vlmkit.wrap(model, _pvc("llava"))
     frames = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -154,7 +148,7 @@ def test_fresh_video_frames_are_used_as_they_are():
 
 
 def test_save_and_load_restore_trained_pvc(tmp_path):
-    model, processor = _tiny("llava")
+    model, processor = shared_tiny("llava")
     batch = make_batch(processor, QUESTIONS[:1], [1])
     wrapped = vlmkit.wrap(model, _pvc("llava"))
     _perturb(wrapped.stages[0], seed=4)
@@ -206,7 +200,7 @@ def test_pvc_cannot_be_combined_with_another_compressor():
 def test_video_frames_in_a_prompt_are_one_causal_video(family):
     """forward/generate(video_frames=[...]): consecutive single-tile images of a prompt are one video's
     frames, encoded as encode_video encodes them; a lone image keeps the static-video path."""
-    model, processor = _tiny(family)
+    model, processor = shared_tiny(family)
     wrapped = vlmkit.wrap(model, _pvc(family))
     _perturb(wrapped.stages[0], seed=5)
     batch = make_batch(processor, QUESTIONS[:1], [4], seed=3)
