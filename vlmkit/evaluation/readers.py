@@ -65,6 +65,14 @@ def _read_json(path: str | os.PathLike, what: str) -> Any:
         raise ValueError(f"{os.fspath(p)}: not valid JSON ({err})") from err
 
 
+def _read_json_list(path: str | os.PathLike, what: str, key: str) -> list:
+    """``data[key]`` of a JSON object file whose ``key`` holds a list; ValueError naming the file otherwise."""
+    data = _read_json(path, what)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise ValueError(f"{os.fspath(path)}: expected a {what} object with a {key!r} list")
+    return data[key]
+
+
 def _bad(path: Any, index: int, key: str | None, value: Any, msg: str) -> ValueError:
     """ValueError naming the file, the record index and (when known) its id."""
     ident = f" ({key}={value!r})" if key is not None else ""
@@ -104,15 +112,10 @@ def read_vqav2(
     ``shapes_{image_id:06d}.png``. Docs: id (question_id), image, image_id, question, answers (the 10
     human answers, in answer order), answer_type, question_type, multiple_choice_answer.
     """
-    qdata = _read_json(questions, "VQAv2 questions")
-    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise ValueError(f"{questions}: expected a VQAv2 questions object with a 'questions' list")
+    question_list = _read_json_list(questions, "VQAv2 questions", "questions")
     anns: dict[int, dict] = {}
     if annotations is not None:
-        adata = _read_json(annotations, "VQAv2 annotations")
-        if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
-            raise ValueError(f"{annotations}: expected a VQAv2 annotations object with an 'annotations' list")
-        for i, rec in enumerate(adata["annotations"]):
+        for i, rec in enumerate(_read_json_list(annotations, "VQAv2 annotations", "annotations")):
             qid = _field(rec, "question_id", int, annotations, i, "question_id")
             answers = _field(rec, "answers", list, annotations, i, "question_id")
             for j, a in enumerate(answers):
@@ -121,7 +124,7 @@ def read_vqav2(
             anns[qid] = rec
     images_dir = _need_dir(images, "VQAv2 images")
     docs = []
-    for i, rec in enumerate(qdata["questions"]):
+    for i, rec in enumerate(question_list):
         qid = _field(rec, "question_id", int, questions, i, "question_id")
         image_id = _field(rec, "image_id", int, questions, i, "question_id")
         question = _field(rec, "question", str, questions, i, "question_id")
@@ -189,21 +192,16 @@ def read_textvqa(questions: str, images: str, ocr: str | None = None, image_ext:
     LLaVA's ``"\\nReference OCR token: a, b, c"`` (empty without OCR or tokens). Docs: id, image,
     image_id, question, answers, ocr_tokens, ocr_hint.
     """
-    data = _read_json(questions, "TextVQA")
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f"{questions}: expected a TextVQA object with a 'data' list")
+    records = _read_json_list(questions, "TextVQA", "data")
     tokens_of: dict[str, list[str]] = {}
     if ocr is not None:
-        odata = _read_json(ocr, "TextVQA OCR")
-        if not isinstance(odata, dict) or not isinstance(odata.get("data"), list):
-            raise ValueError(f"{ocr}: expected a Rosetta OCR object with a 'data' list")
-        for i, rec in enumerate(odata["data"]):
+        for i, rec in enumerate(_read_json_list(ocr, "Rosetta OCR", "data")):
             image_id = _field(rec, "image_id", str, ocr, i, "image_id")
             toks = _field(rec, "ocr_tokens", list, ocr, i, "image_id")
             tokens_of[image_id] = [str(t) for t in toks]
     images_dir = _need_dir(images, "TextVQA images")
     docs = []
-    for i, rec in enumerate(data["data"]):
+    for i, rec in enumerate(records):
         qid = _field(rec, "question_id", int, questions, i, "question_id")
         image_id = _field(rec, "image_id", str, questions, i, "question_id")
         question = _field(rec, "question", str, questions, i, "question_id")

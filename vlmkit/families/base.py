@@ -82,7 +82,8 @@ class Family:
     @property
     def vision_layers(self) -> nn.ModuleList:
         """The vision encoder's transformer layers (for hooks: FoPru scores, PVC temporal blocks)."""
-        return self.vision_tower.encoder.layers
+        tower = self.vision_tower  # CLIPVisionModel / SiglipVisionModel keep the encoder in .vision_model
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     @property
     def feature_layer(self) -> int:

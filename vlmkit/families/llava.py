@@ -11,11 +11,6 @@ class LlavaFamily(Family):
     image_kwarg_names = ("image_sizes",)
 
     @property
-    def vision_layers(self):
-        tower = self.vision_tower  # CLIPVisionModel / SiglipVisionModel keep the encoder in .vision_model
-        return getattr(tower, "vision_model", tower).encoder.layers
-
-    @property
     def grid(self) -> tuple[int, int]:
         h, w = super().grid
         if self.config.vision_feature_select_strategy != "default":

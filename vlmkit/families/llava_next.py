@@ -47,11 +47,6 @@ class LlavaNextFamily(Family):
     image_kwarg_names = ("image_sizes",)
 
     # --- vision -------------------------------------------------------------------------------
-    @property
-    def vision_layers(self):
-        tower = self.vision_tower  # CLIPVisionModel / SiglipVisionModel keep the encoder in .vision_model
-        return getattr(tower, "vision_model", tower).encoder.layers
-
     def _tower_has_cls(self) -> bool:
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
         return hasattr(getattr(tower, "embeddings", None), "class_embedding")

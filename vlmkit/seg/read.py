@@ -403,9 +403,9 @@ def mask_losses(
 
 
 def _image_size(image: Any) -> tuple[int, int]:
-    from vlmkit.seg.sam import _rgb_array
+    from vlmkit.seg.sam import rgb_array
 
-    return tuple(_rgb_array(image).shape[:2])  # type: ignore[return-value]
+    return tuple(rgb_array(image).shape[:2])  # type: ignore[return-value]
 
 
 class READ(Stage):

@@ -35,7 +35,7 @@ __all__ = [
     "SAM_BUILDERS", "FG_PROB", "tiny_sam", "load_sam", "make_predictor", "mask_prior", "sample_points",
     "SamRefinement", "refine_with_sam", "sam_refine",
     # prompting helpers for the [SEG] heads (READ / LISA)
-    "SamInput", "preprocess_image", "embed_images", "transform_coords", "prompt_sam", "postprocess_masks",
+    "SamInput", "preprocess_image", "embed_images", "transform_coords", "prompt_sam", "postprocess_masks", "rgb_array",
 ]
 
 #: Probability whose logit marks foreground cells of the prior (background: 1 - FG_PROB).
@@ -289,13 +289,13 @@ class SamInput:
     original_size: tuple[int, int]
 
 
-def _rgb_array(image: Any) -> np.ndarray:
+def rgb_array(image: Any) -> np.ndarray:
     """PIL image or uint8 array [H, W, 3] → uint8 RGB array [H, W, 3]."""
     if hasattr(image, "convert") and hasattr(image, "size"):
         return np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"SAM images must be PIL images or uint8 arrays [H, W, 3], got {arr.dtype} {arr.shape}")
+        raise ValueError(f"images must be PIL images or uint8 arrays [H, W, 3], got {arr.dtype} {arr.shape}")
     return arr
 
 
@@ -306,7 +306,7 @@ def preprocess_image(sam, image: Any) -> SamInput:
     import torch
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    arr = _rgb_array(image)
+    arr = rgb_array(image)
     resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(arr)
     x = torch.as_tensor(resized, device=sam.pixel_mean.device).permute(2, 0, 1).contiguous()[None].float()
     pixels = sam.preprocess(x)

@@ -768,16 +768,6 @@ class Text4SegResult:
         return self.decoded.repairs
 
 
-def _image_array(image: Any) -> np.ndarray:
-    """PIL image or uint8 array [H, W, 3] → uint8 RGB array [H, W, 3]."""
-    if hasattr(image, "convert") and hasattr(image, "size"):
-        return np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"images must be PIL images or uint8 arrays [H, W, 3], got {arr.dtype} {arr.shape}")
-    return arr
-
-
 class Text4Seg(Stage):
     """Text4Seg head. ``masks_from_text`` turns generated answers into masks.
 
@@ -832,7 +822,9 @@ class Text4Seg(Stage):
         An all-background prediction skips SAM and gives an empty mask.
         """
         texts = list(texts)
-        arrays = [_image_array(im) for im in images] if images is not None else None
+        from vlmkit.seg.sam import rgb_array
+
+        arrays = [rgb_array(im) for im in images] if images is not None else None
         if arrays is not None and len(arrays) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(arrays)} images")
         if image_sizes is None:

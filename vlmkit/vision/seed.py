@@ -781,14 +781,16 @@ class SeedTokenizer(nn.Module):
             meta = json.load(f)
         if meta.get("format") != "vlmkit-seed" or not isinstance(meta.get("config"), dict):
             raise ValueError(f"{file} is not a SeedTokenizer config (expected 'format': 'vlmkit-seed')")
-        fields = dict(meta["config"])
-        if fields.pop("type", "seed") != "seed":
+        from vlmkit.config import config_from_dict
+
+        fields = {"type": "seed", **meta["config"]}
+        if fields["type"] != "seed":
             raise ValueError(f"{file} holds a config of another stage type")
-        known = {f.name for f in dataclasses.fields(SEEDConfig)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"{file}: unknown SEEDConfig field(s) {unknown}")
-        model = cls(SEEDConfig(**fields), vision, target=target, text_encoder=text_encoder)
+        try:
+            config = config_from_dict(fields)  # unknown fields: ValueError naming them
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None
+        model = cls(config, vision, target=target, text_encoder=text_encoder)
         state = load_file(os.path.join(path, WEIGHTS_FILE), device=str(map_location))
         model.load_state_dict(state, strict=True)
         return model.to(map_location)
