@@ -277,14 +277,13 @@ class PVC(Stage):
             raise RuntimeError("PVC.compress runs inside its vision_context, after the vision tower (use VLMWrapper)")
         if any(t.num_tokens != t.num_uncompressed for t in tokens):
             raise ValueError("PVC encodes uncompressed images: put it before other compressors")
-        if video_frames is not None:
-            return self._compress_with_videos(tokens, video_frames)
         n = run.family.tokens_per_tile
-        frames = [torch.cat([t.embeds for t in tokens]).reshape(-1, n, tokens[0].embeds.shape[-1])]
-        for index in range(1, self.config.frames):  # the same pixels, one frame index further
-            run.frame = index
-            frames.append(torch.stack(run.family.image_features(run.pixel_values)))
-        packed = self._compress_frames(torch.stack(frames, dim=1))  # [tiles, frames·q², D]
+        first = torch.cat([t.embeds for t in tokens]).reshape(-1, n, tokens[0].embeds.shape[-1])  # frame 0, per tile
+        frame0 = [list(layer) for layer in run.caches]  # the family's tower pass: frame 0 of every tile
+        if video_frames is not None:
+            return self._compress_with_videos(tokens, video_frames, first, frame0)
+        later = [run.pixel_values] * (self.config.frames - 1)  # the same pixels, one frame index further
+        packed = self._compress_frames(self._continue_frames(first, later, frame0))  # [tiles, frames·q², D]
         out, start = [], 0
         for t in tokens:
             tiles = t.num_uncompressed // n
@@ -292,38 +291,44 @@ class PVC(Stage):
             start += tiles
         return out
 
-    def _compress_with_videos(self, tokens: list[VisualTokens], video_frames) -> list[VisualTokens]:
+    def _compress_with_videos(self, tokens: list[VisualTokens], video_frames, first: torch.Tensor,
+                              frame0: list) -> list[VisualTokens]:
         """``compress`` when ``video_frames`` groups the images into videos (module docstring)."""
         groups = [int(v) for v in (video_frames.tolist() if torch.is_tensor(video_frames) else video_frames)]
         if any(g < 1 for g in groups) or sum(groups) != len(tokens):
             raise ValueError(f"video_frames={groups} must be counts >= 1 summing to the {len(tokens)} images of "
                              "the batch (1 for an image, T for a video of T frames)")
-        run, n = self._run, self._run.family.tokens_per_tile
+        n = self._run.family.tokens_per_tile
         tiles = [t.num_uncompressed // n for t in tokens]
         starts = [sum(tiles[:i]) for i in range(len(tiles))]
         q2 = self.config.tokens_per_frame
         out, i = [], 0
         for g in groups:
-            rows = run.pixel_values[starts[i] : starts[i] + sum(tiles[i : i + g])]
+            rows = slice(starts[i], starts[i] + sum(tiles[i : i + g]))
+            pixels = self._run.pixel_values[rows]
             if g == 1:  # an image: a static video of its own pixels
-                packed = self._compress_frames(self._run_frames([rows] * self.config.frames))
-                out.append(self._new_tokens(packed.flatten(0, 1), tokens[i].num_uncompressed))
+                feats = self._continue_frames(first[rows], [pixels] * (self.config.frames - 1), frame0, rows)
+                out.append(self._new_tokens(self._compress_frames(feats).flatten(0, 1), tokens[i].num_uncompressed))
             else:
                 if any(tiles[j] != 1 for j in range(i, i + g)):
                     raise ValueError(f"video frames must be single-tile images, got tiles {tiles[i : i + g]}")
-                packed = self._compress_frames(self._run_frames([rows[t : t + 1] for t in range(g)]))[0]
+                video = slice(rows.start, rows.start + 1)  # frame 0's row and caches; frame t sees frames < t
+                feats = self._continue_frames(first[video], [pixels[t : t + 1] for t in range(1, g)], frame0, video)
+                packed = self._compress_frames(feats)[0]  # [g·q², D]
                 out += [self._new_tokens(packed[t * q2 : (t + 1) * q2], tokens[i + t].num_uncompressed)
                         for t in range(g)]
             i += g
         return out
 
-    def _run_frames(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        """Frame t = the tower on ``pixels[t]`` [M, C, H, W] with frame index t, after frames 0..t-1 (fresh
-        temporal caches): projected features [M, T, h·w, D]."""
+    def _continue_frames(self, first: torch.Tensor, later: list[torch.Tensor], frame0: list,
+                         rows: slice = slice(None)) -> torch.Tensor:
+        """Frames 1, 2, … after frame 0: ``first`` [M, h·w, D] is frame 0 (already through the tower, its
+        temporal caches in ``frame0``, of which the ``rows`` are kept); frame t runs the tower on
+        ``later[t-1]`` [M, C, H, W] with frame index t. Returns [M, T, h·w, D]."""
         run = self._run
-        run.caches = [[] for _ in self._layers]  # the hooks read run.caches[j] at call time
-        feats = []
-        for t, px in enumerate(pixels):
+        run.caches = [[(k[rows], v[rows]) for k, v in layer] for layer in frame0]  # hooks read run.caches[j]
+        feats = [first]
+        for t, px in enumerate(later, start=1):
             run.frame = t
             feats.append(torch.stack(run.family.image_features(px)))
         return torch.stack(feats, dim=1)
@@ -334,6 +339,8 @@ class PVC(Stage):
         ``num_uncompressed`` is the length of the video's placeholder run (default T·tokens_per_frame).
         """
         with self.vision_context(family):
-            embeds = self._compress_frames(self._run_frames([frames[t : t + 1] for t in range(frames.shape[0])]))[0]
+            first = torch.stack(family.image_features(frames[:1]))  # frame 0 (index 0, empty caches)
+            later = [frames[t : t + 1] for t in range(1, frames.shape[0])]
+            embeds = self._compress_frames(self._continue_frames(first, later, self._run.caches))[0]
             n = embeds.shape[0]
             return self._new_tokens(embeds, n if num_uncompressed is None else num_uncompressed)
