@@ -1010,9 +1010,6 @@ class SeedTokenIds:
     boi: str
     eoi: str
 
-    def code_ids(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes + self.first_image_id
-
     def span(self, codes: torch.Tensor) -> torch.Tensor:
         """``[BOI, first+codes…, EOI]`` ids [B, Q+2] for codes [B, Q]."""
         B = codes.shape[0]
