@@ -245,6 +245,33 @@ def test_forward_with_labels_matches_hand_spliced_reference():
     model.zero_grad()
 
 
+def test_pad_to_multiple_of_pads_the_prompt_and_changes_no_generated_token(tiny):
+    model, processor = tiny
+    batch = make_batch(processor, QUESTIONS, [1, 2, 1])
+    config = vlmkit.FoPruConfig(num_keep=3)
+    plain, padded = vlmkit.wrap(model, config), vlmkit.wrap(model, config, pad_to_multiple_of=7)
+    lengths = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: lengths.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        reference = plain.generate(**batch, max_new_tokens=8, do_sample=False)
+        steps = len(lengths)
+        out = padded.generate(**batch, max_new_tokens=8, do_sample=False)
+    finally:
+        handle.remove()
+    plain_len, padded_len = lengths[0], lengths[steps]  # the two prefills
+    assert plain_len % 7 != 0 and padded_len == -(-plain_len // 7) * 7
+    assert torch.equal(out, reference)
+    assert vlmkit.wrap(model, config).assemble(**batch).inputs_embeds.shape[1] == plain_len  # forward: no padding
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.0, True, "8"])
+def test_pad_to_multiple_of_rejects_bad_values(value):
+    model, _ = shared_tiny("llava")
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        vlmkit.wrap(model, pad_to_multiple_of=value)
+
+
 # --- invalid configs ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs", [{"keep_ratio": 0.0}, {"keep_ratio": -0.5}, {"keep_ratio": 1.5}, {}, {"keep_ratio": 0.5, "num_keep": 4},

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import StageConfig, config_from_dict
 from .families import family_for
-from .sequence import AssembledBatch, assemble, resize_placeholder_runs
+from .sequence import AssembledBatch, assemble, check_pad_to_multiple_of, resize_placeholder_runs
 from .stage import ROLES, Stage
 from .tokens import VisualTokens
 
@@ -59,7 +59,7 @@ class VLMWrapper(nn.Module):
 
     base_model_prefix = "base_model"  # PEFT / transformers utilities look the inner model up by this name
 
-    def __init__(self, model: nn.Module, *configs: StageConfig, tokenizer=None,
+    def __init__(self, model: nn.Module, *configs: StageConfig, tokenizer=None, pad_to_multiple_of: int | None = None,
                  _expected_tokens: dict[str, int] | None = None, _stages: list[Stage] | None = None) -> None:
         super().__init__()
         family = family_for(model)  # ValueError for unsupported models, before anything is changed
@@ -67,6 +67,7 @@ class VLMWrapper(nn.Module):
         self.base_model = model
         self.family = family
         self.tokenizer = tokenizer
+        self.pad_to_multiple_of = pad_to_multiple_of  # generate's prompt length (checked by wrap / assemble)
         self.added_tokens: dict[str, int] = {}
         # _stages: modules built for these configs by an earlier wrapper (already detached), reused as they are
         self.stages = nn.ModuleList(_stages if _stages is not None else [c.build() for c in ordered])
@@ -213,6 +214,7 @@ class VLMWrapper(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         padding_side: str | None = None,
+        pad_to_multiple_of: int | None = None,
         **image_kwargs,
     ) -> AssembledBatch:
         """Encode, compress and splice: the exact batch the language model will see."""
@@ -223,7 +225,7 @@ class VLMWrapper(nn.Module):
             input_ids, attention_mask, labels, tokens, 0 if pixel_values is None else pixel_values.shape[0])
         return assemble(
             input_ids, attention_mask, labels, tokens, self.family.embed,
-            self.family.placeholder_id, self.family.pad_token_id, padding_side,
+            self.family.placeholder_id, self.family.pad_token_id, padding_side, pad_to_multiple_of,
         )
 
     def _resize_placeholders(self, input_ids, attention_mask, labels, tokens: list[VisualTokens], num_tiles: int):
@@ -315,13 +317,15 @@ class VLMWrapper(nn.Module):
     ):
         """Same contract as ``transformers``' ``generate``: returns the prompt ids followed by new tokens.
 
-        The prompt is re-padded on the left after compression; the returned prompt part is the
-        caller's ``input_ids`` as given.
+        The prompt is re-padded on the left after compression (to a multiple of ``pad_to_multiple_of`` when
+        the wrapper has one; generate derives positions from the attention mask, so outputs are unchanged);
+        the returned prompt part is the caller's ``input_ids`` as given.
         """
         if self._passthrough(pixel_values):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         image_kwargs = self._split_image_kwargs(kwargs)
-        batch = self.assemble(input_ids, pixel_values, attention_mask, padding_side="left", **image_kwargs)
+        batch = self.assemble(input_ids, pixel_values, attention_mask, padding_side="left",
+                              pad_to_multiple_of=self.pad_to_multiple_of, **image_kwargs)
         with self._language_context(batch):
             out = self.base_model.generate(**self._language_inputs(batch), **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -376,15 +380,20 @@ class VLMWrapper(nn.Module):
             self.base_model.save_pretrained(path)
 
 
-def wrap(model: nn.Module, *configs: StageConfig, tokenizer=None) -> VLMWrapper:
+def wrap(model: nn.Module, *configs: StageConfig, tokenizer=None, pad_to_multiple_of: int | None = None) -> VLMWrapper:
     """Wrap a loaded ``transformers`` VLM with vlmkit stages; no configs = identity.
 
     ``tokenizer`` is needed when a stage adds tokens (READ's ``[SEG]``, SEED's image codes): they are
     added to it and the model's embeddings grow to match (kept by ``unwrap``).
+    ``pad_to_multiple_of``: ``generate`` pads the compressed prompt (on the left) up to a multiple of it,
+    as a tokenizer's option of that name does before compression changes the length: some kernels are
+    much slower at some lengths. A runtime setting, not saved; generated tokens are unchanged. ``forward``
+    does not pad (its positions would shift, as in ``transformers``' own forward on left padding).
     """
     if isinstance(model, VLMWrapper):
         raise ValueError("the model is already wrapped; wrap the original (vlmkit.unwrap(model)) instead")
-    return VLMWrapper(model, *configs, tokenizer=tokenizer)
+    check_pad_to_multiple_of(pad_to_multiple_of)
+    return VLMWrapper(model, *configs, tokenizer=tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def unwrap(wrapped: VLMWrapper) -> nn.Module:

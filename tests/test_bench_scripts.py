@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on tiny configs (their numbers are only meaningful at real size)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from vlmkit.testing import tiny_vlm
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_compression_runs_every_setting_padded_and_not(tmp_path, capsys):
+    model, _ = tiny_vlm("llava")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(model.config.to_dict()))
+    bench = _script("bench_compression")
+    assert bench.main(["--config", str(config), "--quick", "--repeats", "1", "--quiet", "--prefix", "5",
+                       "--question", "6", "--pad-to-multiple-of", "8", "--ratios", "0.5", "0.25"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines() if line.startswith(("none", "fopru"))}
+    assert set(rows) == {"none", "fopru 0.50", "fopru 0.25", "none x8", "fopru 0.50 x8", "fopru 0.25 x8"}
+    seq_len = {name: int(cols[1]) for name, cols in rows.items()}  # setting, vis tok, seq len, ...
+    # 16 visual tokens (4x4 tiny grid) + 11 text: 27; kept 8 / 4 → 19 / 15; padded up to multiples of 8
+    assert seq_len == {"none": 27, "fopru 0.50": 19, "fopru 0.25": 15, "none x8": 32, "fopru 0.50 x8": 24,
+                       "fopru 0.25 x8": 16}
+    assert "matches the eager output_attentions route: True" in out
+    assert "padded to x8:" in out and "as assembled:" in out
