@@ -34,3 +34,27 @@ def test_batch_labels_only_answers_and_patch_targets():
                 if obj.mask[r * 8 + 4, c * 8 + 4]:
                     expected[r, c] = class_names().index(f"{obj.color} {obj.shape}")
     assert (expected > 0).any() and np.array_equal(labels, expected)
+
+
+def test_row_slots_point_at_row_openers_with_the_mask_rows():
+    from vlmkit.seg.text4seg import mask_to_labels
+    from vlmkit.train.shapes_model import GRID
+
+    _, processor = build_model()
+    tok = processor.tokenizer
+    samples = [s for s in generate(6, seed=5) if s.refs][:3]
+    batch = make_batch(samples, processor, np.random.default_rng(0), refseg_prob=1.0, patch=8)
+    for b, s in enumerate(samples):
+        pos = batch["row_positions"][b]
+        words = tok.convert_ids_to_tokens(batch["input_ids"][b, pos].tolist())
+        assert words == ["<seg>"] + ["\n"] * (GRID - 1)
+        # the tokens after row r's opener up to the next one spell row r; its label set gives the target
+        ids = batch["input_ids"][b].tolist()
+        expr = tok.convert_tokens_to_string(tok.convert_ids_to_tokens(ids[int(pos[0]) - 20 : int(pos[0])]))
+        ref = max((r for r in s.refs if r["sentence"] in expr), key=lambda r: len(r["sentence"]))
+        obj = s.objects[ref["object_index"]]
+        expected = mask_to_labels(obj.mask, "x", GRID, GRID) != "others"
+        assert np.array_equal(batch["row_targets"][b].numpy().astype(bool), expected)
+    none = make_batch(samples, processor, np.random.default_rng(0), refseg_prob=0.0, patch=8)
+    assert (none["row_positions"] == -1).all() and not none["row_targets"].any()
+

@@ -10,6 +10,11 @@ Choices (see the model card written next to the weights):
   it training sits at chance for many minutes (the feasibility run in issue 7).
 - Several question–answer turns per image in one sequence (loss on answers only) and a short curriculum
   (at most 2 shapes first).
+- Grounding signals (training only, like the per-patch head): the vision features also predict their
+  patch's row and column, and in a referring turn the decoder's last hidden state at the token that opens
+  each mask row (``<seg>`` for row 0, the row-separating ``\n`` after it) predicts that row's foreground
+  cells (binary cross-entropy). The LM loss alone teaches the descriptor format and typical mask sizes but
+  not where the object is: a run without these signals emitted well-formed masks in the wrong place.
 - Text4Seg answers on an 8×8 grid, the visual-token grid, with the reference templates; the label of
   foreground cells is the referring expression. The reference grid is 16×16 (24×24 visual tokens in
   LLaVA-1.5); at 64 px a 16×16 grid has 4-pixel cells, finer than a patch, and two runs at 16×16
@@ -147,12 +152,37 @@ def encode_sequence(turns: list[tuple[str, str]], tokenizer, image_token_id: int
     return torch.tensor(ids), torch.tensor(labels)
 
 
+def row_slots(ids: torch.Tensor, turns: list[tuple[str, str]], tokenizer, grid: int = GRID):
+    """Where each mask row of the conversation's referring answer starts, and its foreground cells.
+
+    Returns positions [grid] (the ``<seg>`` token for row 0, then the first ``grid - 1`` ``\n`` tokens
+    after it; all -1 when no turn is a referring one) and targets [grid, grid] (1 = the cell belongs to
+    the referred object), decoded from the answer text itself.
+    """
+    from ..seg.text4seg import SEG_START, decode_answer, labels_to_mask
+
+    positions = torch.full((grid,), -1, dtype=torch.long)
+    targets = torch.zeros((grid, grid))
+    answers = [a for _, a in turns if SEG_START in a]
+    if not answers:
+        return positions, targets
+    seg_id, newline_id = tokenizer.convert_tokens_to_ids([SEG_START, "\n"])
+    start = int((ids == seg_id).nonzero()[0, 0])
+    newlines = (ids[start:] == newline_id).nonzero()[:, 0] + start
+    positions[0], positions[1:] = start, newlines[: grid - 1]
+    targets[:] = torch.from_numpy(labels_to_mask(decode_answer(answers[0], grid, grid)).astype(np.float32))
+    return positions, targets
+
+
 def make_batch(samples: list[ShapesSample], processor, rng, refseg_prob: float, patch: int):
-    """Right-padded training batch: input_ids, attention_mask, labels [B, S]; pixel_values; patch_labels."""
+    """Right-padded training batch: input_ids, attention_mask, labels [B, S]; pixel_values; patch_labels
+    [B, N]; row_positions [B, GRID] and row_targets [B, GRID, GRID] (``row_slots``)."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(processor.image_token)
     n_img = (samples[0].image.size[0] // patch) ** 2
-    seqs = [encode_sequence(conversation(s, rng, refseg_prob), tok, image_id, n_img) for s in samples]
+    convs = [conversation(s, rng, refseg_prob) for s in samples]
+    seqs = [encode_sequence(turns, tok, image_id, n_img) for turns in convs]
+    slots = [row_slots(ids, turns, tok) for (ids, _), turns in zip(seqs, convs)]
     L = max(len(i) for i, _ in seqs)
     input_ids = torch.full((len(seqs), L), tok.pad_token_id)
     labels = torch.full((len(seqs), L), -100)
@@ -161,35 +191,55 @@ def make_batch(samples: list[ShapesSample], processor, rng, refseg_prob: float, 
         input_ids[b, : len(i)], labels[b, : len(i)], mask[b, : len(i)] = i, lab, 1
     pixel_values = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values,
-            "patch_labels": torch.stack([patch_labels(s, patch) for s in samples])}
+            "patch_labels": torch.stack([patch_labels(s, patch) for s in samples]),
+            "row_positions": torch.stack([p for p, _ in slots]), "row_targets": torch.stack([t for _, t in slots])}
 
 
 # --- training -----------------------------------------------------------------------------------------
 class AuxHead(nn.Module):
-    """Per-patch classifier on the vision features the projector sees (training only; not shipped)."""
+    """Training-only heads (not shipped): per-patch class, row and column on the vision features the
+    projector sees, and per-row foreground cells on the decoder's hidden states (``row_slots``)."""
 
-    def __init__(self, hidden: int, classes: int) -> None:
+    def __init__(self, vision_hidden: int, text_hidden: int, classes: int, side: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden, classes)
+        self.proj = nn.Linear(vision_hidden, classes)
+        self.where = nn.Linear(vision_hidden, 2 * side)  # row logits, then column logits
+        self.rows = nn.Linear(text_hidden, GRID)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, N, H] -> [B, N, C]
-        return self.proj(feats)
+    def patch_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """feats [B, N, H] (N = side², row-major), labels [B, N] → class CE + ½ (row CE + column CE)."""
+        side = self.where.out_features // 2
+        cells = torch.arange(feats.shape[1], device=feats.device)
+        where = self.where(feats).flatten(0, 1)
+        row, col = (cells // side).repeat(feats.shape[0]), (cells % side).repeat(feats.shape[0])
+        return (F.cross_entropy(self.proj(feats).flatten(0, 1), labels.flatten())
+                + 0.5 * (F.cross_entropy(where[:, :side], row) + F.cross_entropy(where[:, side:], col)))
+
+    def row_loss(self, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, D], positions [B, GRID] (-1 = none), targets [B, GRID, GRID] → BCE (0 if no slot)."""
+        used = positions >= 0
+        if not used.any():
+            return hidden.sum() * 0.0
+        picked = hidden[torch.nonzero(used)[:, 0], positions[used]]  # [R, D]
+        return F.binary_cross_entropy_with_logits(self.rows(picked), targets[used])
 
 
 def losses(model, aux: AuxHead, batch, vision_only: bool = False) -> dict[str, torch.Tensor]:
-    """Language-model loss on answers and the auxiliary per-patch loss, from one vision pass."""
+    """Language-model loss on answers, the auxiliary per-patch loss and the row-grounding loss, from one
+    vision pass."""
     out = model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-1,
                                          vision_feature_select_strategy="default")
-    patch_feats = out.hidden_states[-1][:, 1:]
-    aux_loss = F.cross_entropy(aux(patch_feats).flatten(0, 1), batch["patch_labels"].flatten())
+    aux_loss = aux.patch_loss(out.hidden_states[-1][:, 1:], batch["patch_labels"])
     if vision_only:
         return {"aux": aux_loss}
     feats = torch.stack(list(out.pooler_output))  # [B, N, D]
     embeds = model.get_input_embeddings()(batch["input_ids"])
     is_img = batch["input_ids"] == model.config.image_token_id
     embeds = embeds.masked_scatter(is_img[..., None], feats.to(embeds.dtype))
-    lm = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return {"lm": lm.loss, "aux": aux_loss}
+    lm = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+               output_hidden_states=True)
+    rows = aux.row_loss(lm.hidden_states[-1], batch["row_positions"], batch["row_targets"])
+    return {"lm": lm.loss, "aux": aux_loss, "rows": rows}
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -200,6 +250,7 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch_size: int = 16, lr: float = 1e-3,
           seed: int = 0, curriculum_steps: int = 400, refseg_prob: float = 0.5, aux_weight: float = 0.5,
+          rows_weight: float = 1.0,
           eval_every: int = 0, save_every: int = 50, quiet: bool = False, arch: TinyArch = TinyArch(),
           init: str | Path | None = None) -> dict:
     """Train (from scratch, or on from the model saved in ``init``) and save the model, processor and a
@@ -216,7 +267,7 @@ def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch
     model, processor = build_model(arch, seed)
     if init is not None:  # the same architecture and vocabulary, trained weights
         model = type(model).from_pretrained(init)
-    aux = AuxHead(arch.vision_hidden, len(class_names()))
+    aux = AuxHead(arch.vision_hidden, arch.text_hidden, len(class_names()), arch.image_size // arch.patch)
     model.train()
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -233,7 +284,7 @@ def train(out_dir: str | Path, steps: int = 2000, vision_steps: int = 300, batch
             group["lr"] = _lr(step if vision_only else step - vision_steps, vision_steps if vision_only else steps,
                               lr, 50)
         parts = losses(model, aux, batch, vision_only)
-        loss = parts.get("lm", 0.0) + aux_weight * parts["aux"] if not vision_only else parts["aux"]
+        loss = parts["aux"] if vision_only else parts["lm"] + aux_weight * parts["aux"] + rows_weight * parts["rows"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -345,8 +396,10 @@ vocabulary {config.text_config.vocab_size} words; weights {weights / 1e6:.1f} MB
 - command: `{command}`
 - data: shapes images generated on the fly from seed {train_info.get('seed', 0)} (image ids from 10,000,000 on,
   disjoint from every evaluation set); curriculum: at most 2 shapes for the first joint steps, then up to 4
-- vision warm-up on an auxiliary per-patch classification loss (exact masks), then joint training
-  (answers-only LM loss + 0.5 × auxiliary loss), AdamW, cosine schedule, batch {train_info.get('batch_size')}
+- vision warm-up on auxiliary per-patch losses (class from the exact masks; row and column), then joint
+  training: answers-only LM loss + 0.5 × per-patch losses + 1 × row-grounding loss (in a referring turn,
+  the decoder state that opens each mask row predicts that row's cells), AdamW, cosine schedule, batch
+  {train_info.get('batch_size')}; the auxiliary heads are not shipped
 - steps: {train_info['steps']}; wall time: {train_info['minutes']:.1f} minutes on 2 CPU cores
 
 ## Measured (held out)
