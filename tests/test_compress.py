@@ -265,6 +265,26 @@ def test_pad_to_multiple_of_pads_the_prompt_and_changes_no_generated_token(tiny)
     assert vlmkit.wrap(model, config).assemble(**batch).inputs_embeds.shape[1] == plain_len  # forward: no padding
 
 
+@pytest.mark.parametrize("name", ["llava_v2pe", "internvl_mousi", "qwen2_5_vl_random"])
+def test_pad_to_multiple_of_keeps_position_schemes_and_mrope_exact(name):
+    """Extra left padding must not move V2PE / MouSi positions or Qwen's M-RoPE positions."""
+    from vlmkit.compat import make_batch as family_batch
+
+    family, configs = {
+        "llava_v2pe": ("llava", [vlmkit.FoPruConfig(num_keep=3), vlmkit.V2PEConfig(stride=4)]),
+        "internvl_mousi": ("internvl", [vlmkit.FoPruConfig(num_keep=3), vlmkit.MouSiPositionConfig(mode="row")]),
+        "qwen2_5_vl_random": ("qwen2_5_vl", [vlmkit.RandomPruneConfig(keep_ratio=0.5, seed=1)]),
+    }[name]
+    model, processor = shared_tiny(family)
+    batch = family_batch(processor, [0, 1], "left")
+    reference = vlmkit.wrap(model, *configs).generate(**batch, max_new_tokens=8, do_sample=False)
+    wrapped = vlmkit.wrap(model, *configs, pad_to_multiple_of=13)
+    lengths = [wrapped.assemble(**batch, padding_side="left", pad_to_multiple_of=m).inputs_embeds.shape[1]
+               for m in (None, 13)]
+    assert lengths[1] % 13 == 0 and lengths[1] > lengths[0]  # the padding really adds positions
+    assert torch.equal(wrapped.generate(**batch, max_new_tokens=8, do_sample=False), reference)
+
+
 @pytest.mark.parametrize("value", [0, -8, 2.0, True, "8"])
 def test_pad_to_multiple_of_rejects_bad_values(value):
     model, _ = shared_tiny("llava")
