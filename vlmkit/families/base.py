@@ -110,13 +110,18 @@ class Family:
 
     def check_pixel_values(self, pixel_values: Any) -> None:
         """Raise ValueError unless ``pixel_values`` is a float tensor [N, C, H, W] of the tower's size."""
+        self._check_pixel_shape(pixel_values, ("num_images",))
+
+    def _check_pixel_shape(self, pixel_values: Any, leading: tuple[str, ...]) -> None:
+        """TypeError unless a tensor; ValueError unless its shape is [*leading, C, H, W] of the tower."""
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         C = self.config.vision_config.num_channels
         H, W = self.image_size
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (C, H, W):
+        n = len(leading)
+        if pixel_values.dim() != n + 3 or tuple(pixel_values.shape[n:]) != (C, H, W):
             raise ValueError(
-                f"pixel_values must be [num_images, {C}, {H}, {W}] for this {self.model_type} model, "
+                f"pixel_values must be [{', '.join(leading)}, {C}, {H}, {W}] for this {self.model_type} model, "
                 f"got shape {tuple(pixel_values.shape)}"
             )
 

@@ -59,15 +59,7 @@ class SmolVLMFamily(Family):
         return h // s, w // s
 
     def check_pixel_values(self, pixel_values: Any) -> None:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        C = self.config.vision_config.num_channels
-        H, W = self.image_size
-        if pixel_values.dim() != 5 or tuple(pixel_values.shape[2:]) != (C, H, W):
-            raise ValueError(
-                f"pixel_values must be [batch, tiles, {C}, {H}, {W}] for this {self.model_type} model, "
-                f"got shape {tuple(pixel_values.shape)}"
-            )
+        self._check_pixel_shape(pixel_values, ("batch", "tiles"))
 
     def image_features(self, pixel_values: torch.Tensor, **image_kwargs) -> list[torch.Tensor]:
         """Per real tile (padding tiles dropped, sample order), [n, D] each."""
