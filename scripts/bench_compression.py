@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         full = wrapped.encode_visual(pixels, ids)
     pad = args.pad_to_multiple_of
     ratios = [("none", 1.0)] + [(f"fopru {r:.2f}", r) for r in args.ratios]
-    # (name, keep ratio, pad multiple or None, name of the row it is compared with)
-    settings = [(name, r, None, "none") for name, r in ratios]
-    settings += [(f"{name} x{pad}", r, pad, f"none x{pad}") for name, r in ratios] if pad else []
-    inputs, base_of, unpadded = {}, {}, {}
-    for name, ratio, multiple, base in settings:
+    # (name, keep ratio, pad multiple or None, row it is compared with, unpadded row whose FLOPs count)
+    settings = [(name, r, None, "none", name) for name, r in ratios]
+    settings += [(f"{name} x{pad}", r, pad, f"none x{pad}", name) for name, r in ratios] if pad else []
+    inputs = {}
+    for name, ratio, multiple, *_ in settings:
         kept = []
         for t in full:
             k = vlmkit.FoPruConfig(keep_ratio=ratio).num_to_keep(t.num_uncompressed)
@@ -212,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
             batch = assemble(ids, mask, None, kept, family.embed, family.placeholder_id, family.pad_token_id,
                              padding_side="left", pad_to_multiple_of=multiple)
         inputs[name] = (batch.inputs_embeds, batch.attention_mask, kept[0].num_tokens)
-        base_of[name], unpadded[name] = base, f"fopru {ratio:.2f}" if ratio != 1.0 else "none"
 
     def prefill(name):
         embeds, attn, _ = inputs[name]
@@ -245,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'setting':<16}{'vis tok':>8}{'seq len':>9}{'GFLOPs':>9}{'best ms':>10}{'median ms':>11}"
           f"{'measured x':>12}{'ideal x':>9}{'meas/ideal':>12}{'(median)':>10}{'GEMM GFLOP/s':>14}")
     achieved = {None: [], pad: []}
-    for name, _, multiple, base in settings:
-        best, med, f = min(times[name]), statistics.median(times[name]), flops[unpadded[name]]
+    for name, _, multiple, base, plain in settings:
+        best, med, f = min(times[name]), statistics.median(times[name]), flops[plain]
         measured, ideal = min(times[base]) / best, flops["none"] / f
         med_ratio = statistics.median(times[base]) / med / ideal
         if name != base:
