@@ -28,7 +28,9 @@ def main() -> None:
     parser.add_argument("--curriculum-steps", type=int, default=400, help="joint steps with at most 2 shapes")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--refseg-prob", type=float, default=0.5)
+    parser.add_argument("--refseg-turns", type=int, default=1, help="referring turns per image (distinct expressions)")
+    parser.add_argument("--draws", type=int, default=3, help="draws of the benchmark's question builders per image")
+    parser.add_argument("--point-weight", type=float, default=1.0, help="weight of the <seg> → object pointer loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=50, help="also save every N joint steps")
@@ -49,7 +51,8 @@ def main() -> None:
     else:
         info = train(args.out, steps=args.steps, vision_steps=args.vision_steps, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, curriculum_steps=args.curriculum_steps,
-                     refseg_prob=args.refseg_prob, eval_every=args.eval_every, save_every=args.save_every,
+                     refseg_turns=args.refseg_turns, draws=args.draws,
+                     point_weight=args.point_weight, eval_every=args.eval_every, save_every=args.save_every,
                      quiet=args.quiet, init=args.init)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

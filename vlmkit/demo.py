@@ -103,7 +103,7 @@ def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: in
 
     from .compress.fopru import FoPruConfig
     from .data.shapes import generate
-    from .train.shapes_model import PROMPT, refseg_turn
+    from .train.shapes_data import PROMPT, refseg_turn
     from .viz import mask_overlay, pruning_map
 
     samples = generate(n_overlays, seed=0)

@@ -33,7 +33,7 @@ from vlmkit.data.rle import rle_encode
 __all__ = [
     "COLORS", "SHAPES", "CATEGORY_IDS", "QUESTION_TYPES", "VOCAB_WORDS", "BACKGROUNDS",
     "BACKGROUND_RGB", "NOISE_AMPLITUDE", "MIN_SIZE", "MIN_VISIBLE_FRACTION", "ShapeObject", "ShapesSample", "tokenize", "shape_mask",
-    "extent_range", "generate", "generate_one", "question_id", "annotation_id", "write_images",
+    "extent_range", "draw_questions", "generate", "generate_one", "question_id", "annotation_id", "write_images",
     "write_vqav2", "write_coco_refs", "write_llava", "write_dataset",
 ]
 
@@ -333,8 +333,8 @@ _QUESTION_BUILDERS: tuple[Callable[..., list[dict[str, str]]], ...] = (
 )
 
 
-def _questions(rng: _Rng, objects: list[ShapeObject], size: int) -> list[_QA]:
-    """All applicable questions for an image, in random order (4..7 per image)."""
+def draw_questions(rng: _Rng, objects: list[ShapeObject], size: int) -> list[_QA]:
+    """One draw of every applicable question kind for an image, in random order (4..7 per image)."""
     questions = [q for build in _QUESTION_BUILDERS for q in build(rng, objects, size)]
     return [questions[i] for i in rng.permutation(len(questions))]
 
@@ -407,7 +407,7 @@ def generate_one(
     return ShapesSample(
         image=_render(placed, canvas),
         objects=objects,
-        questions=_questions(rng, objects, size),
+        questions=draw_questions(rng, objects, size),
         refs=_refs(objects, size),
         image_id=image_id,
         file_name=f"shapes_{image_id:06d}.png",
