@@ -12,17 +12,10 @@ from vlmkit.train.shapes_data import (GRID, class_names, conversation, dense_que
 from vlmkit.train.shapes_model import build_model
 
 
-def test_refseg_turn_is_sometimes_first():
-    samples = generate(20, seed=3)
-    rng = np.random.default_rng(0)
-    firsts = [conversation(s, rng, refseg_turns=1)[0][1] for s in samples if s.refs]
-    assert any("<seg>" in a for a in firsts) and not all("<seg>" in a for a in firsts)
-
-
 def test_dense_questions_are_distinct_and_agree_with_the_benchmark():
     for s in generate(10, seed=6):
         dense = dense_questions(s, np.random.default_rng(1), draws=4)
-        assert len({q for q, _ in dense}) == len(dense) >= len(s.questions) - 1
+        assert len({q for q, _ in dense}) == len(dense) >= len(s.questions)  # each draw asks every applicable kind
         truth = dict(dense)
         for q in s.questions:  # the same question asked in the benchmark has the same answer
             assert truth.get(q["question"], q["answer"]) == q["answer"]
