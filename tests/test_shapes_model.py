@@ -48,23 +48,25 @@ def test_every_packed_turn_equals_its_single_question_prompt():
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                        attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
-    checked = 0
+    prefix = 2 + 64  # "user :" + 64 image tokens
+    checked, turns_of = 0, []
     for b in range(len(samples)):
         ids, pos = batch["input_ids"][b], batch["position_ids"][b]
-        valid = batch["labels"][b].ne(-100) | ids.ne(processor.tokenizer.pad_token_id)
-        prefix = int((pos == 0).nonzero()[0, 0]) + 66  # "user :" + 64 image tokens
-        starts = (pos == prefix).nonzero()[:, 0].tolist() + [int(valid.nonzero()[-1, 0]) + 1]
-        for a, e in zip(starts, starts[1:]):
+        end = int(ids.ne(processor.tokenizer.pad_token_id).sum())  # right padding
+        starts = (pos == prefix).nonzero()[:, 0].tolist() + [end]
+        turns_of.append(list(zip(starts, starts[1:])))
+        for a, e in turns_of[-1]:
             single = torch.cat([ids[:prefix], ids[a:e]])[None]
             with torch.no_grad():
                 ref = model(input_ids=single, pixel_values=batch["pixel_values"][b : b + 1]).logits[0, prefix:]
             torch.testing.assert_close(packed[b, a:e], ref, atol=1e-5, rtol=1e-5)
             checked += 1
     assert checked >= 8
-    # and the mask matters: without it, a later turn sees earlier ones and its logits change
+    # and the mask matters: without it, the last turn sees the earlier ones and its logits change
+    a, e = turns_of[0][-1]
     with torch.no_grad():
-        plain = model(input_ids=batch["input_ids"][:1], pixel_values=batch["pixel_values"][:1]).logits
-    assert not torch.allclose(plain[0, -5:], packed[0, -5:], atol=1e-3)
+        plain = model(input_ids=batch["input_ids"][:1, :e], pixel_values=batch["pixel_values"][:1]).logits
+    assert not torch.allclose(plain[0, a:e], packed[0, a:e], atol=1e-3)
 
 
 def test_batch_labels_only_answers_and_patch_targets():
