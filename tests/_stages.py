@@ -7,18 +7,15 @@ import dataclasses
 import torch
 from torch import nn
 
-from vlmkit.config import StageConfig, register_config_class
-from vlmkit.stage import Stage
+from vlmkit.config import StageConfig, register_stage
+from vlmkit.stage import AddsTokens, CompressorStage, EncoderStage, HeadStage
 
 
-@register_config_class
 @dataclasses.dataclass
 class DropEveryOtherConfig(StageConfig):
     """Keep visual tokens 0, 2, 4, … of every image; multiply them by a trainable ``scale``."""
 
     type = "test_drop_every_other"
-    role = "compressor"
-    stage_class = "_stages:DropEveryOther"
     scale: float = 1.0
 
     def validate(self) -> None:
@@ -26,7 +23,8 @@ class DropEveryOtherConfig(StageConfig):
             raise ValueError(f"scale must be > 0, got {self.scale}")
 
 
-class DropEveryOther(Stage):
+@register_stage(DropEveryOtherConfig)
+class DropEveryOther(CompressorStage):
     def __init__(self, config: DropEveryOtherConfig) -> None:
         super().__init__(config)
         self.scale = nn.Parameter(torch.tensor(float(config.scale)))
@@ -39,18 +37,16 @@ class DropEveryOther(Stage):
         return out
 
 
-@register_config_class
 @dataclasses.dataclass
 class AddTokensConfig(StageConfig):
     """Adds ``tokens`` to the vocabulary (as READ's [SEG] or SEED's image codes do)."""
 
     type = "test_add_tokens"
-    role = "head"
-    stage_class = "_stages:AddTokens"
     tokens: tuple = ("<a1>", "<a2>")
 
 
-class AddTokens(Stage):
+@register_stage(AddTokensConfig)
+class AddTokens(AddsTokens, HeadStage):
     def new_tokens(self):
         return list(self.config.tokens)
 
@@ -58,18 +54,16 @@ class AddTokens(Stage):
         self.bound = dict(ids)
 
 
-@register_config_class
 @dataclasses.dataclass
 class HiddenSumHeadConfig(StageConfig):
     """Head: ``outputs["visual_sum"]`` = sum of the last hidden states at visual slots per sample;
     with ``target`` [B] given, loss += mean squared error of ``weight * visual_sum`` against it."""
 
     type = "test_hidden_sum_head"
-    role = "head"
-    stage_class = "_stages:HiddenSumHead"
 
 
-class HiddenSumHead(Stage):
+@register_stage(HiddenSumHeadConfig)
+class HiddenSumHead(HeadStage):
     head_input_names = ("target",)
     needs_hidden_states = True
 
@@ -77,7 +71,7 @@ class HiddenSumHead(Stage):
         super().__init__(config)
         self.weight = nn.Parameter(torch.tensor(0.5))
 
-    def head_forward(self, wrapper, batch, outputs, target=None):
+    def head_forward(self, batch, outputs, target=None):
         h = outputs.hidden_states[-1]
         visual_sum = (h * batch.visual_mask[..., None]).sum(dim=(1, 2)) * self.weight
         outputs["visual_sum"] = visual_sum
@@ -86,17 +80,15 @@ class HiddenSumHead(Stage):
         return outputs
 
 
-@register_config_class
 @dataclasses.dataclass
 class RepeatEncoderConfig(StageConfig):
     """Encoder: each image's tokens twice (as if two experts), so it needs 2× the processor's placeholders."""
 
     type = "test_repeat_encoder"
-    role = "encoder"
-    stage_class = "_stages:RepeatEncoder"
 
 
-class RepeatEncoder(Stage):
+@register_stage(RepeatEncoderConfig)
+class RepeatEncoder(EncoderStage):
     def encode_images(self, family, pixel_values, input_ids=None, **image_kwargs):
         from vlmkit.tokens import VisualTokens
 

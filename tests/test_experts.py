@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import vlmkit
-from vlmkit.config import register_config
 from vlmkit.families import family_for
 from vlmkit.position.mousi import MouSiPositionConfig, mousi_position_ids
 from vlmkit.testing import image_prompt, random_images, tiny_vlm
@@ -17,7 +16,6 @@ from vlmkit.vision.experts import (
     ExpertBackbone, ExpertsConfig, MLPProjector, QFormerResampler, query_grid, register_expert,
 )
 
-register_config("experts", "vlmkit.vision.experts:ExpertsConfig")  # until the core registry lists it
 
 # A tiny open_clip ViT from a custom model config: 12 px, patch 4 → a 3×3 grid of width 32.
 CLIP_CFG = {
@@ -381,8 +379,8 @@ def test_training_step_reaches_only_the_fusion(fusion):
     assert select_trainable_stages(wrapped, recipe) == []
     stage = wrapped.stages[0]
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
-    assert trainable and trainable == {f"stages.0.{n}" for n, _ in stage.named_parameters()}
-    assert all(n.startswith("stages.0.fusers.") for n in trainable)
+    assert trainable and trainable == {f"stages.experts.{n}" for n, _ in stage.named_parameters()}
+    assert all(n.startswith("stages.experts.fusers.") for n in trainable)
     backbones = [p for e in stage.experts for p in e.parameters()]
     assert len(backbones) > 0 and not any(p.requires_grad for p in backbones)
     before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}

@@ -9,12 +9,10 @@ import torch
 from conftest import make_batch
 
 import vlmkit
-from vlmkit.config import register_config
 from vlmkit.seg import pmp
 from vlmkit.seg.pmp import PMPConfig, PMPDecoder, hungarian_match, set_criterion
 from vlmkit.testing import tiny_vlm
 
-register_config("pmp", "vlmkit.seg.pmp:PMPConfig")  # no-op once the core registry lists it
 
 SMALL = dict(num_queries=6, hidden_dim=32, num_layers=3, num_heads=4, ffn_dim=64)
 
@@ -306,7 +304,7 @@ def test_recipe_trains_the_pmp_stage_and_weights_round_trip(tmp_path):
     notes = select_trainable_stages(wrapped, load_recipe("lisa"))
     assert all(p.requires_grad for p in wrapped.stages[0].parameters())
     assert not any("'pmp'" in n for n in notes)
-    assert wrapped.trainable_stage_names() == ["stages.0"]
+    assert wrapped.trainable_stage_names() == ["stages.pmp"]
 
     with torch.no_grad():
         for p in wrapped.stages.parameters():

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import vlmkit
-from vlmkit.config import StageConfig, register_config_class
+from vlmkit.config import StageConfig, register_stage
 from vlmkit.position.mousi import mousi_position_ids
 from vlmkit.position.rotary import PositionTable, integer_positions
 from vlmkit.position.v2pe import TRAIN_STRIDES, draw_train_strides, v2pe_position_ids
-from vlmkit.stage import Stage
+from vlmkit.stage import CompressorStage
 from vlmkit.testing import image_prompt, random_images, tiny_vlm
 
 FAMILIES = ["llava", "internvl"]
@@ -311,19 +311,15 @@ def assert_same_generation(tokens, logits, ref_tokens, ref_logits, atol=1e-5):
         torch.testing.assert_close(logits[b, :live], ref_logits[b, :live], atol=atol, rtol=0)
 
 
-@register_config_class
 @dataclasses.dataclass
 class KeepCellsConfig(StageConfig):
     """Test-only pruning: keep the cells c with c % 3 == 1 or c % 5 == 2 (drops the first and often the last)."""
 
     type = "test_keep_cells"
-    role = "compressor"
-
-    def build(self):
-        return KeepCells(self)
 
 
-class KeepCells(Stage):
+@register_stage(KeepCellsConfig)
+class KeepCells(CompressorStage):
     def compress(self, tokens):
         return [t.select(torch.nonzero((t.index % 3 == 1) | (t.index % 5 == 2)).flatten()) for t in tokens]
 

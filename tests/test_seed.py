@@ -497,10 +497,8 @@ def test_internvl_reference_markers_collide():
 
 def test_wrapped_save_load_keeps_codes_and_token_rows(tmp_path):
     import vlmkit
-    from vlmkit.config import register_config
     from vlmkit.testing import tiny_vlm
 
-    register_config("seed", "vlmkit.vision.seed:SEEDConfig")  # until the registry lists it
     wrapped, proc, _ = _wrap("llava")
     stage = wrapped.stages[0]
     with torch.no_grad():

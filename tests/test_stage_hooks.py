@@ -139,12 +139,12 @@ def test_replacement_encoder_with_more_tokens_than_placeholders(tiny):
 
 
 def test_single_stage_delegation_errors(tiny):
-    model, _ = tiny
-    wrapped = vlmkit.wrap(model)
+    model, processor = tiny
+    predictor = vlmkit.Predictor(vlmkit.wrap(model), processor)
     with pytest.raises(ValueError, match="READConfig"):
-        wrapped.segment([], [])
+        predictor.segment([], [])
     with pytest.raises(ValueError, match="SEEDConfig"):
-        wrapped.generate_image_tokens("a")
+        predictor.generate_image_tokens("a")
     with pytest.raises(ValueError, match="at most one stage may replace the image encoder"):
         vlmkit.wrap(model, RepeatEncoderConfig(), RepeatEncoderConfig())
 

@@ -263,14 +263,14 @@ def test_peft_lora_on_wrapped_model(tiny):
     batch = make_batch(processor, QUESTIONS[:2], [1, 1], padding_side="right")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     wrapped = vlmkit.wrap(model, DropEveryOtherConfig())
-    assert wrapped.trainable_stage_names() == ["stages.0"]
+    assert wrapped.trainable_stage_names() == ["stages.test_drop_every_other"]
     peft_model = get_peft_model(wrapped, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                    modules_to_save=wrapped.trainable_stage_names()))
     out = peft_model(**batch, labels=labels)
     out.loss.backward()
     grads = {n for n, p in peft_model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n or "stages" in n for n in grads)
-    assert any("stages.0.modules_to_save" in n for n in grads), "PEFT's trained copy of the stage must be used"
+    assert any("stages.test_drop_every_other.modules_to_save" in n for n in grads), "PEFT's trained copy of the stage must be used"
 
 
 def test_parse_stage_spec():

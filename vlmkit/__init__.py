@@ -1,7 +1,8 @@
 """vlmkit: wrap a Hugging Face vision-language model with visual-token compression, visual position
 encodings, segmentation outputs, PEFT fine-tuning and evaluation.
 
-``import vlmkit`` is cheap: names resolve on first use (torch and transformers load then).
+``import vlmkit`` is cheap: names resolve on first use (torch and transformers load then). Every registered
+stage's config class is reachable as ``vlmkit.<ConfigClassName>`` too (``vlmkit.config.register_stage``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ _EXPORTS = {
     "VisualTokens": "vlmkit.tokens",
     "StageConfig": "vlmkit.config",
     "Stage": "vlmkit.stage",
+    "Predictor": "vlmkit.predictor",
+    "Prediction": "vlmkit.predictor",
+    "register_stage": "vlmkit.config",
     "supported_families": "vlmkit.families.registry",
     "FoPruConfig": "vlmkit.compress.fopru",
     "RandomPruneConfig": "vlmkit.compress.random",
@@ -44,4 +48,4 @@ _EXPORTS = {
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, fallback="vlmkit.config:registered_config_named")

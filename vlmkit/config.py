@@ -1,7 +1,8 @@
-"""Stage configs: small dataclasses with a ``type`` string, a registry from type to class, JSON round trip.
+"""Stage configs (small dataclasses with a ``type`` string, JSON round trip) and the one stage registry.
 
-A config only describes a stage; ``config.build()`` makes the stage module. The registry maps each
-``type`` to ``"module:Class"`` strings and imports lazily, so ``import vlmkit`` does no work.
+A config only describes a stage; ``config.build()`` makes the stage module. ``@register_stage(Config)`` on
+the stage class is the one registration point; the built-in stage packages are imported on the first
+look-up, so ``import vlmkit`` does no work.
 """
 
 from __future__ import annotations
@@ -10,54 +11,100 @@ import dataclasses
 import importlib
 from typing import Any, ClassVar
 
-# type string -> "module:ConfigClass" of the built-in stages. Imported on first use only (timm-style,
-# no import-time work); third-party stages add themselves with ``register_config``.
-_CONFIG_PATHS: dict[str, str] = {
-    "fopru": "vlmkit.compress.fopru:FoPruConfig",
-    "random": "vlmkit.compress.random:RandomPruneConfig",
-    "divprune": "vlmkit.compress.divprune:DivPruneConfig",
-    "pvc": "vlmkit.compress.pvc:PVCConfig",
-    "v2pe": "vlmkit.position.v2pe:V2PEConfig",
-    "mousi_position": "vlmkit.position.mousi:MouSiPositionConfig",
-    "text4seg": "vlmkit.seg.text4seg:Text4SegConfig",
-    "read": "vlmkit.seg.read:READConfig",
-    "pmp": "vlmkit.seg.pmp:PMPConfig",
-    "seed": "vlmkit.vision.seed:SEEDConfig",
-    "experts": "vlmkit.vision.experts:ExpertsConfig",
-}
-_CONFIG_CLASSES: dict[str, type["StageConfig"]] = {}
+#: Packages whose modules hold the built-in stages. On the first registry look-up every module below them is
+#: imported once, so each method's ``@register_stage`` line is all it takes to be found (timm-style: nothing
+#: happens at ``import vlmkit``). Stages outside vlmkit register when their module is imported.
+STAGE_PACKAGES = ("vlmkit.compress", "vlmkit.position", "vlmkit.seg", "vlmkit.vision")
+
+#: type string -> (config class, stage class)
+_REGISTRY: dict[str, tuple[type["StageConfig"], type]] = {}
+_discovered = False
 
 
-def register_config(type_name: str, path: str) -> None:
-    """Register a config class by dotted path, e.g. ``register_config("fopru", "vlmkit.compress.fopru:FoPruConfig")``."""
-    if type_name in _CONFIG_PATHS and _CONFIG_PATHS[type_name] != path:
-        raise ValueError(f"stage type {type_name!r} is already registered to {_CONFIG_PATHS[type_name]!r}")
-    _CONFIG_PATHS[type_name] = path
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_config_class(cls: type["StageConfig"]) -> type["StageConfig"]:
-    """Class decorator registering a config class under its ``type`` (for stages outside vlmkit)."""
-    if not cls.type:
-        raise ValueError(f"{cls.__name__} sets no 'type'")
-    _CONFIG_CLASSES[cls.type] = cls
-    return cls
+def register_stage(config_cls: type["StageConfig"]):
+    """Class decorator on a stage: ``@register_stage(FoPruConfig)`` above ``class FoPru(PruneStage)``.
+
+    Registers ``config_cls.type`` for ``vlmkit.load``, ``config_from_dict``, the CLI specs, the compatibility
+    matrix, the demo sweep (pruners) and the conformance tests. The config takes its ``role`` from the stage
+    class's role base. A type registered twice (by other classes) is an error.
+    """
+    from .stage import ROLES, Stage
+
+    def decorate(stage_cls: type) -> type:
+        if not (isinstance(config_cls, type) and issubclass(config_cls, StageConfig) and dataclasses.is_dataclass(config_cls)):
+            raise TypeError(f"register_stage takes a StageConfig dataclass, got {config_cls!r}")
+        if not (isinstance(stage_cls, type) and issubclass(stage_cls, Stage)) or stage_cls.role not in ROLES:
+            raise TypeError(f"{stage_cls!r} must derive from a role base of vlmkit.stage ({list(ROLES)})")
+        name = config_cls.type
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{config_cls.__name__} sets no 'type'")
+        known = _REGISTRY.get(name)
+        if known is not None and (_qualname(known[0]), _qualname(known[1])) != (_qualname(config_cls), _qualname(stage_cls)):
+            raise ValueError(f"stage type {name!r} is already registered to {_qualname(known[1])}; "
+                             f"cannot register {_qualname(stage_cls)} under the same name")
+        config_cls.role = stage_cls.role
+        config_cls.stage_class = stage_cls
+        _REGISTRY[name] = (config_cls, stage_cls)
+        return stage_cls
+
+    return decorate
+
+
+def _discover() -> None:
+    """Import every module of ``STAGE_PACKAGES`` once (their ``@register_stage`` lines fill the registry)."""
+    global _discovered
+    if _discovered:
+        return
+    import pkgutil
+
+    _discovered = True
+    for package in STAGE_PACKAGES:
+        try:
+            pkg = importlib.import_module(package)
+        except ModuleNotFoundError as err:
+            if err.name == package:
+                continue
+            raise
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=package + "."):
+            importlib.import_module(info.name)
 
 
 def registered_types() -> list[str]:
     """All stage ``type`` strings a config can name."""
-    return sorted(set(_CONFIG_PATHS) | set(_CONFIG_CLASSES))
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def registered_configs(role: str | None = None, pruner: bool | None = None) -> list[type["StageConfig"]]:
+    """Registered config classes (sorted by type), optionally of one ``role`` / only pruners."""
+    _discover()
+    out = [_REGISTRY[t][0] for t in sorted(_REGISTRY)]
+    if role is not None:
+        out = [c for c in out if c.role == role]
+    if pruner is not None:
+        out = [c for c in out if c.pruner == pruner]
+    return out
+
+
+def registered_config_named(class_name: str) -> type["StageConfig"] | None:
+    """The registered config class called ``class_name`` (``vlmkit.FoPruConfig``), or None."""
+    if not class_name.endswith("Config"):
+        return None
+    _discover()
+    return next((c for c, _ in _REGISTRY.values() if c.__name__ == class_name), None)
 
 
 def config_class(type_name: str) -> type["StageConfig"]:
     """The config class registered for ``type_name``; ValueError naming the known types otherwise."""
-    if type_name in _CONFIG_CLASSES:
-        return _CONFIG_CLASSES[type_name]
-    if type_name not in _CONFIG_PATHS:
+    if type_name not in _REGISTRY:
+        _discover()
+    if type_name not in _REGISTRY:
         raise ValueError(f"unknown stage type {type_name!r}; known types: {registered_types()}")
-    module, name = _CONFIG_PATHS[type_name].split(":")
-    cls = getattr(importlib.import_module(module), name)
-    _CONFIG_CLASSES[type_name] = cls
-    return cls
+    return _REGISTRY[type_name][0]
 
 
 def config_from_dict(data: dict[str, Any]) -> "StageConfig":
@@ -85,25 +132,39 @@ def _jsonable(value: Any) -> Any:
 
 @dataclasses.dataclass
 class StageConfig:
-    """Base of every stage config.
+    """Base of every stage config: what a stage is, as a dataclass that round-trips through JSON.
 
-    Subclasses set ``type`` (registry key) and ``role``; ``role`` fixes where the stage runs in the
-    pipeline: ``"encoder"`` (changes how images are encoded), ``"compressor"`` (drops or merges visual
-    tokens), ``"position"`` (position ids) or ``"head"`` (output heads). ``validate()`` runs on
-    construction and raises ValueError for values that are wrong regardless of the model; checks that
-    need the model happen in ``Stage.attach`` at ``wrap()`` time.
+    Subclasses set ``type`` (registry key); ``role`` and ``stage_class`` come from the stage class registered
+    with ``@register_stage``. ``validate()`` runs on construction and raises ValueError for values that are
+    wrong regardless of the model; checks that need the model happen at ``wrap()`` time: the family must
+    have every capability in ``requires`` (``Family.require``), then ``Stage.attach`` checks the rest.
     """
 
     type: ClassVar[str] = ""
-    role: ClassVar[str] = ""
-    stage_class: ClassVar[str] = ""  # "module:Class" of the nn.Module this config builds
+    role: ClassVar[str] = ""  # set by register_stage from the stage class's role base
+    stage_class: ClassVar[type | None] = None  # set by register_stage
     exclusive: ClassVar[bool] = False  # True: no other stage of the same role may be combined with it
+    #: family capabilities the stage needs (``vlmkit.families.base.CAPABILITIES``); wrap() refuses others
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: True for pruners (``keep_ratio`` / ``num_keep`` budgets): the demo sweep and the pruning checks use them
+    pruner: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError for invalid field values (override)."""
+
+    @classmethod
+    def example(cls) -> "StageConfig":
+        """A small valid config for the conformance tests and the compatibility matrix (override when the
+        defaults need arguments or are too large for a tiny model)."""
+        return cls()
+
+    @property
+    def sets_positions(self) -> bool:
+        """Whether the stage decides the language model's positions (at most one such stage per model)."""
+        return self.role == "position"
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **{f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}}
@@ -117,9 +178,10 @@ class StageConfig:
 
     def build(self):
         """Instantiate the stage module (``vlmkit.stage.Stage``) this config describes."""
-        module, name = self.stage_class.split(":")
-        return getattr(importlib.import_module(module), name)(self)
-
+        if self.stage_class is None:
+            raise ValueError(f"{type(self).__name__} ({self.type!r}) has no registered stage: decorate its stage "
+                             f"class with @vlmkit.config.register_stage({type(self).__name__})")
+        return self.stage_class(self)
 
 
 def _literal(text: str) -> Any:

@@ -1,25 +1,39 @@
-"""``Stage``: the base ``nn.Module`` every pluggable pipeline stage derives from.
+"""The stage contracts: one small base class per pipeline role, and the capabilities a stage can add.
 
-A stage implements only the hooks of its role (see ``StageConfig.role``):
+A stage is an ``nn.Module`` built from a ``StageConfig`` and registered next to its method with
+``@vlmkit.config.register_stage(ConfigClass)``. Its class says what it does: the role base it derives from
+fixes where ``VLMWrapper`` calls it, and nothing is inferred from which methods happen to exist.
 
-- ``vision_context(family)``: a context manager active while the vision tower runs (encoder stages,
-  and compressors that read the tower's attention, e.g. FoPru).
-- ``compress(tokens)``: compressor stages map ``list[VisualTokens]`` to fewer tokens, order kept
-  (``compress_input_names`` are extra ``forward`` / ``generate`` arguments it takes, e.g. PVC's
-  ``video_frames``).
-- ``position_ids(batch)``: position stages return positions for an assembled batch.
-- ``language_context(family, batch)``: a context manager active while the language model runs
-  (``forward`` or the whole ``generate``), e.g. to remap positions inside the rotary embedding.
-- ``encode_images(family, pixel_values, input_ids)``: an encoder stage may replace the family's image
-  encoding (e.g. MouSi experts); ``placeholders_per_image(family)`` then says how many placeholder slots
-  each image needs, and the wrapper resizes the processor's placeholder runs to match.
-- ``new_tokens()`` / ``bind_tokens(ids)``: a stage that adds vocabulary (READ's ``[SEG]``, SEED's image
-  codes) names the tokens; ``wrap(..., tokenizer=tok)`` adds them and hands back their ids.
-- heads post-process generated text (``masks_from_text``) or, with ``head_forward``, the language model's
-  output (hidden states) inside ``forward``; ``head_input_names`` are the extra ``forward`` keyword
-  arguments (targets, SAM images, …) a head consumes.
+Pipeline (``VLMWrapper.assemble`` then the language model)::
 
-Stages hold no state across calls; whatever a ``vision_context`` records lives only inside the ``with``.
+    pixel_values ─▶ EncoderStage.encode_images (or the family's tower + projector)
+                 ─▶ CompressorStage.compress × n          (list[VisualTokens] → fewer tokens)
+                 ─▶ assemble (splice into inputs_embeds)  ─▶ PositionStage.position_ids
+                 ─▶ language model, inside every PositionStage.language_context and DecoderStage.decoder_context
+                 ─▶ HeadStage.head_forward × n             (forward only)
+
+Roles (``Stage.role``):
+
+- ``encoder`` (at most one): replaces the family's image encoding; ``placeholders_per_image`` resizes the
+  processor's placeholder runs when its token count differs.
+- ``compressor``: ``list[VisualTokens]`` → fewer tokens, order kept; ``vision_context`` may record what the
+  vision tower computes (FoPru's attention). ``PruneStage`` (``vlmkit.compress``) is the template of a pruner.
+- ``decoder``: acts *between* decoder layers while the language model runs (``decoder_context``), e.g.
+  dropping visual positions at layer K; ``family.decoder_layers`` are the layers it hooks.
+- ``position`` (at most one scheme per model, counting encoders whose ``sets_positions`` is true): the
+  ``position_ids`` of an assembled batch and a ``language_context`` (e.g. remapping the rotary embedding).
+- ``head``: post-processes the language model's output inside ``forward`` (``head_forward``: losses, mask
+  logits). ``TextMaskHead`` turns generated text into masks; ``TokenMaskHead`` turns the hidden state of a
+  generated mask token into a mask. ``vlmkit.Predictor`` drives both.
+- ``vocabulary``: stages whose job is the tokens they add; ``ImageTokenStage`` (SEED) lets the model read
+  and write images as discrete codes.
+
+Capability: ``AddsTokens`` (any role): ``new_tokens`` / ``bind_tokens``; ``wrap(..., tokenizer=tok)`` adds the
+tokens, grows the embeddings and saves / restores their rows.
+
+Stages hold no state across calls; whatever a context records lives only inside its ``with``. The wrapper
+dispatches on the declared class attributes (``role``, ``adds_tokens``), which PEFT's
+``ModulesToSaveWrapper`` forwards to the trained copy.
 """
 
 from __future__ import annotations
@@ -30,30 +44,30 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 from torch import nn
 
 if TYPE_CHECKING:
+    import torch
+
     from .families.base import Family
     from .sequence import AssembledBatch
     from .tokens import VisualTokens
 
-ROLES = ("encoder", "compressor", "position", "head")
+ROLES = ("encoder", "compressor", "decoder", "position", "head", "vocabulary")
 
 
 class Stage(nn.Module):
-    """Base class; ``self.config`` is the ``StageConfig`` it was built from."""
+    """Base of every stage; ``self.config`` is the ``StageConfig`` it was built from. Derive from a role base."""
 
-    #: extra keyword arguments of ``VLMWrapper.forward`` this head consumes (passed to ``head_forward``)
-    head_input_names: ClassVar[tuple[str, ...]] = ()
-    #: extra keyword arguments of ``forward`` / ``generate`` this compressor takes (passed to ``compress``)
-    compress_input_names: ClassVar[tuple[str, ...]] = ()
-    #: ``True``: ``forward`` asks the language model for ``hidden_states`` (for ``head_forward``)
-    needs_hidden_states: ClassVar[bool] = False
+    role: ClassVar[str] = ""
+    #: capability flag, set by ``AddsTokens``
+    adds_tokens: ClassVar[bool] = False
 
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
 
     @property
-    def role(self) -> str:
-        return self.config.role
+    def sets_positions(self) -> bool:
+        """Whether this stage decides the language model's positions (at most one such stage per model)."""
+        return self.config.sets_positions
 
     def attach(self, family: "Family") -> None:
         """Check the config against the wrapped model (raise ValueError at ``wrap()`` time) and set up."""
@@ -61,42 +75,166 @@ class Stage(nn.Module):
     def detach(self, family: "Family") -> None:
         """Undo whatever ``attach`` changed on the model."""
 
+    def extra_repr(self) -> str:
+        return repr(self.config)
+
+
+class EncoderStage(Stage):
+    """Replaces the family's image encoding (e.g. MouSi's poly-visual experts)."""
+
+    role = "encoder"
+
     @contextlib.contextmanager
     def vision_context(self, family: "Family") -> Iterator[None]:
+        """Active while images are encoded."""
         yield
 
-    def compress(self, tokens: list["VisualTokens"]) -> list["VisualTokens"]:
-        return tokens
+    def encode_images(self, family: "Family", pixel_values, input_ids=None, **image_kwargs) -> list["VisualTokens"]:
+        """The uncompressed ``VisualTokens`` of every image (one per image, in prompt order)."""
+        raise NotImplementedError
 
-    def position_ids(self, batch: "AssembledBatch"):
+    def placeholders_per_image(self, family: "Family") -> int | None:
+        """Placeholder slots one image needs when this encoding's token count differs from the processor's."""
         return None
 
     @contextlib.contextmanager
     def language_context(self, family: "Family", batch: "AssembledBatch") -> Iterator[None]:
+        """Active around the language model; an encoder whose ``sets_positions`` is true lays out its
+        tokens' positions here (MouSi experts' ``shared`` / ``row``)."""
         yield
 
-    def encode_images(self, family: "Family", pixel_values, input_ids=None, **image_kwargs) -> list["VisualTokens"] | None:
-        """Encoder stages: the uncompressed ``VisualTokens`` of every image, or None to keep the family's."""
+
+class CompressorStage(Stage):
+    """Maps each image's ``VisualTokens`` to fewer (dropped or merged), before the language model."""
+
+    role = "compressor"
+    #: extra keyword arguments of ``forward`` / ``generate`` this compressor takes (passed to ``compress``)
+    compress_input_names: ClassVar[tuple[str, ...]] = ()
+
+    @contextlib.contextmanager
+    def vision_context(self, family: "Family") -> Iterator[None]:
+        """Active while the vision tower runs (record attention, patch layers); ``compress`` runs inside it."""
+        yield
+
+    def compress(self, tokens: list["VisualTokens"], **inputs) -> list["VisualTokens"]:
+        """``list[VisualTokens]`` (one per image) → the same images with fewer tokens, order kept."""
+        raise NotImplementedError
+
+
+class DecoderStage(Stage):
+    """Acts between the decoder layers (``family.decoder_layers``) while the language model runs."""
+
+    role = "decoder"
+
+    @contextlib.contextmanager
+    def decoder_context(self, family: "Family", batch: "AssembledBatch") -> Iterator[None]:
+        """Active around the language model's ``forward`` or the whole ``generate`` (prefill and decode steps)."""
+        yield
+
+
+class PositionStage(Stage):
+    """Decides the language model's positions for an assembled batch."""
+
+    role = "position"
+
+    def position_ids(self, batch: "AssembledBatch") -> "torch.Tensor | None":
+        """``position_ids`` handed to the language model (None: the model's own)."""
         return None
 
-    def placeholders_per_image(self, family: "Family") -> int | None:
-        """Placeholder slots one image needs when this stage's encoding differs from the processor's; None = same."""
-        return None
+    @contextlib.contextmanager
+    def language_context(self, family: "Family", batch: "AssembledBatch") -> Iterator[None]:
+        """Active around the language model's ``forward`` or the whole ``generate``."""
+        yield
+
+
+class HeadStage(Stage):
+    """Post-processes the language model's output inside ``VLMWrapper.forward``."""
+
+    role = "head"
+    #: how ``Predictor.segment`` gets masks from this head: None (it makes none at inference), ``"text"``
+    #: (``TextMaskHead``: parse the generated answer) or ``"token"`` (``TokenMaskHead``: from mask-token states)
+    mask_output: ClassVar[str | None] = None
+    #: extra keyword arguments of ``VLMWrapper.forward`` this head consumes (passed to ``head_forward``)
+    head_input_names: ClassVar[tuple[str, ...]] = ()
+    #: ``True``: ``forward`` asks the language model for ``hidden_states``
+    needs_hidden_states: ClassVar[bool] = False
+
+    def head_forward(self, batch: "AssembledBatch", outputs: Any, **head_inputs) -> Any:
+        """Return ``outputs``, with ``loss`` replaced by the head's combined loss when its targets are given
+        and extra keys set (``outputs["mask_logits"] = ...``)."""
+        return outputs
+
+
+class TextMaskHead(HeadStage):
+    """A head whose masks are written as text by the model (Text4Seg): parse generated answers."""
+
+    mask_output = "text"
+
+    def masks_from_text(self, texts: list[str], image_sizes=None, images=None) -> list:
+        """One result per answer; ``image_sizes`` are (H, W) per answer (or taken from ``images``)."""
+        raise NotImplementedError
+
+
+class TokenMaskHead(HeadStage):
+    """A head that decodes a mask from the hidden state that predicts a mask token (READ / LISA ``[SEG]``)."""
+
+    mask_output = "token"
+    needs_hidden_states = True
+
+    @property
+    def mask_token_id(self) -> int:
+        """Vocabulary id of the mask token."""
+        raise NotImplementedError
+
+    def masks_from_states(self, batch: "AssembledBatch", hidden: "torch.Tensor", positions: list[list[int]],
+                          images: list) -> list["torch.Tensor"]:
+        """Mask logits [n, H, W] per sample from the last hidden states [B, L, D] at ``positions`` (the states
+        that predicted each mask token) and the sample's original image."""
+        raise NotImplementedError
+
+
+class AddsTokens:
+    """Capability mixin: the stage adds tokens to the vocabulary (consecutive ids, in ``new_tokens`` order)."""
+
+    adds_tokens: ClassVar[bool] = True
 
     def new_tokens(self) -> list[str]:
-        """Tokens this stage adds to the vocabulary, in order (consecutive ids)."""
         return []
 
     def bind_tokens(self, ids: dict[str, int]) -> None:
         """Receive the ids of ``new_tokens()`` once the wrapper added them to the tokenizer."""
 
-    def head_forward(self, wrapper, batch: "AssembledBatch", outputs: Any, **head_inputs) -> Any:
-        """Heads: post-process the language model's ``outputs`` inside ``VLMWrapper.forward``.
 
-        Return the outputs, with ``loss`` replaced by the head's combined loss when its targets are given
-        and extra keys set (``outputs["mask_logits"] = ...``).
-        """
-        return outputs
+class VocabularyStage(AddsTokens, Stage):
+    """A stage whose job is the tokens it adds (SEED: images as discrete codes in the LM vocabulary)."""
 
-    def extra_repr(self) -> str:
-        return repr(self.config)
+    role = "vocabulary"
+    #: True for ``ImageTokenStage``: ``Predictor.generate_image_tokens`` can ask the model for an image
+    makes_image_tokens: ClassVar[bool] = False
+
+
+class ImageTokenStage(VocabularyStage):
+    """Images as a fixed number of discrete tokens the language model can write (SEED).
+
+    ``Predictor.generate_image_tokens`` tokenizes the prompt, asks ``image_prompt`` for the ids to generate
+    after, decodes exactly ``num_image_tokens`` tokens under ``image_logits_processor`` and hands the new
+    tokens to ``codes_from_tokens``.
+    """
+
+    makes_image_tokens = True
+
+    @property
+    def num_image_tokens(self) -> int:
+        raise NotImplementedError
+
+    def image_prompt(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Left-padded prompt ids / mask [B, S] → the same ending with the image-start token."""
+        raise NotImplementedError
+
+    def image_logits_processor(self):
+        """A ``transformers`` logits processor that keeps the next ``num_image_tokens`` tokens image codes."""
+        raise NotImplementedError
+
+    def codes_from_tokens(self, tokens: "torch.Tensor") -> "torch.Tensor":
+        """The generated image tokens [B, num_image_tokens] → codes [B, num_image_tokens] (ValueError if not codes)."""
+        raise NotImplementedError

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,15 +22,10 @@ from .sequence import AssembledBatch, assemble, check_pad_to_multiple_of, resize
 from .stage import ROLES, Stage
 from .tokens import VisualTokens
 
+FORMAT_VERSION = 2  # 1: stage weights keyed by list position ("0.x"); 2: by stage type ("pvc.x")
 CONFIG_NAME = "vlmkit.json"
 WEIGHTS_NAME = "vlmkit_stages.safetensors"
 ADDED_PREFIX = "added_tokens."  # safetensors keys of the embedding rows of tokens the stages added
-
-
-def _implements(stage: nn.Module, hook: str) -> bool:
-    """Whether ``stage`` (or the active PEFT copy it forwards to) overrides ``Stage.<hook>``."""
-    method = getattr(stage, hook, None)
-    return method is not None and getattr(method, "__func__", None) is not getattr(Stage, hook)
 
 
 def _order_stages(configs: tuple[StageConfig, ...]) -> list[StageConfig]:
@@ -39,7 +35,13 @@ def _order_stages(configs: tuple[StageConfig, ...]) -> list[StageConfig]:
             raise TypeError(f"wrap() takes StageConfig objects after the model, got {type(c).__name__}: {c!r}")
         if c.role not in ROLES:
             raise ValueError(f"stage {c.type!r} has role {c.role!r}; known roles: {list(ROLES)}")
-    positions = [c.type for c in configs if c.role == "position" or getattr(c, "sets_positions", False)]
+    encoders = [c.type for c in configs if c.role == "encoder"]
+    if len(encoders) > 1:
+        raise ValueError(f"at most one stage may replace the image encoder, got {encoders}")
+    types = [c.type for c in configs]
+    if len(set(types)) != len(types):
+        raise ValueError(f"each stage type may appear once per model (stages are held by type), got {types}")
+    positions = [c.type for c in configs if c.sets_positions]
     if len(positions) > 1:
         raise ValueError(f"at most one position scheme per model, got {positions}")
     for c in configs:
@@ -47,6 +49,23 @@ def _order_stages(configs: tuple[StageConfig, ...]) -> list[StageConfig]:
         if c.exclusive and len(same_role) > 1:
             raise ValueError(f"stage {c.type!r} cannot be combined with other {c.role} stages, got {same_role}")
     return sorted(configs, key=lambda c: ROLES.index(c.role))
+
+
+class StageDict(nn.ModuleDict):
+    """The wrapper's stages keyed by ``type`` (so saved keys and PEFT ``modules_to_save`` names such as
+    ``stages.fopru`` do not depend on order), in pipeline order. Iterating yields the stages (like
+    ``nn.ModuleList``); ``stages[i]`` is the i-th in pipeline order, ``stages["fopru"]`` the one of that type."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        super().__init__({s.config.type: s for s in stages})
+
+    def __getitem__(self, key: int | str) -> Stage:
+        if isinstance(key, int):
+            return list(self._modules.values())[key]
+        return super().__getitem__(key)
+
+    def __iter__(self):
+        return iter(self._modules.values())
 
 
 class VLMWrapper(nn.Module):
@@ -69,11 +88,12 @@ class VLMWrapper(nn.Module):
         self.tokenizer = tokenizer
         self.pad_to_multiple_of = pad_to_multiple_of  # generate's prompt length (checked by wrap / assemble)
         self.added_tokens: dict[str, int] = {}
+        self._assemble_hooks: OrderedDict[int, Callable] = OrderedDict()
+        for c in ordered:
+            for capability in c.requires:
+                family.require(capability, c.type)
         # _stages: modules built for these configs by an earlier wrapper (already detached), reused as they are
-        self.stages = nn.ModuleList(_stages if _stages is not None else [c.build() for c in ordered])
-        encoders = [s.config.type for s in self.stages if _implements(s, "encode_images")]
-        if len(encoders) > 1:
-            raise ValueError(f"at most one stage may replace the image encoder, got {encoders}")
+        self.stages = StageDict(_stages if _stages is not None else [c.build() for c in ordered])
         attached: list[Stage] = []
         try:
             for stage in self.stages:
@@ -96,7 +116,7 @@ class VLMWrapper(nn.Module):
         back: if a stage's ``bind_tokens`` refuses the ids, they stay in the tokenizer (and the rows in the
         model) although ``wrap`` fails.
         """
-        wanted = {s: s.new_tokens() for s in self.stages}
+        wanted = {s: s.new_tokens() for s in self.stages if s.adds_tokens}
         tokens = [t for ts in wanted.values() for t in ts]
         if not tokens:
             return
@@ -166,18 +186,23 @@ class VLMWrapper(nn.Module):
 
         PEFT then trains a copy of each such stage and routes the stage hooks (``compress``, …) to it.
         """
-        return [f"stages.{i}" for i, s in enumerate(self.stages) if any(True for _ in s.parameters())]
+        return [f"stages.{name}" for name, s in self.stages.items() if any(True for _ in s.parameters())]
 
     def stages_of(self, role: str) -> list[Stage]:
+        """The stages of one role (``vlmkit.stage.ROLES``), in pipeline order."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; known roles: {list(ROLES)}")
         return [s for s in self.stages if s.role == role]
 
-    def _stage_with(self, method: str, example: str) -> Stage:
-        """The one stage that defines ``method``; ValueError naming what to wrap with otherwise."""
-        found = [s for s in self.stages if callable(getattr(s, method, None))]
-        if len(found) != 1:
-            raise ValueError(f"{method}() needs exactly one stage that provides it, found {len(found)}; "
-                             f"wrap the model with e.g. {example}")
-        return found[0]
+    def register_assemble_hook(self, hook: Callable[["VLMWrapper", AssembledBatch], None]):
+        """Call ``hook(wrapper, batch)`` with every ``AssembledBatch`` the language model is about to see
+        (``forward``, ``generate``, ``assemble``): token statistics (visual tokens per image, prefill length)
+        without patching the wrapper. Returns a handle whose ``remove()`` unregisters the hook."""
+        from torch.utils.hooks import RemovableHandle
+
+        handle = RemovableHandle(self._assemble_hooks)
+        self._assemble_hooks[handle.id] = hook
+        return handle
 
     # --- pipeline -------------------------------------------------------------------------------
     def encode_visual(
@@ -192,7 +217,7 @@ class VLMWrapper(nn.Module):
         stage_inputs = {n: image_kwargs.pop(n) for n in names if image_kwargs.get(n) is not None}
         encoder = self._encoder()
         with contextlib.ExitStack() as stack:
-            for stage in self.stages:
+            for stage in (*self.stages_of("encoder"), *self.stages_of("compressor")):
                 stack.enter_context(stage.vision_context(self.family))
             tokens = None if encoder is None else encoder.encode_images(self.family, pixel_values, input_ids,
                                                                         **image_kwargs)
@@ -204,7 +229,7 @@ class VLMWrapper(nn.Module):
         return tokens
 
     def _encoder(self) -> Stage | None:
-        found = [s for s in self.stages if _implements(s, "encode_images")]
+        found = self.stages_of("encoder")
         return found[0] if found else None
 
     def assemble(
@@ -223,10 +248,13 @@ class VLMWrapper(nn.Module):
         tokens = [] if pixel_values is None else self.encode_visual(pixel_values, input_ids, **image_kwargs)
         input_ids, attention_mask, labels = self._resize_placeholders(
             input_ids, attention_mask, labels, tokens, 0 if pixel_values is None else pixel_values.shape[0])
-        return assemble(
+        batch = assemble(
             input_ids, attention_mask, labels, tokens, self.family.embed,
             self.family.placeholder_id, self.family.pad_token_id, padding_side, pad_to_multiple_of,
         )
+        for hook in list(self._assemble_hooks.values()):
+            hook(self, batch)
+        return batch
 
     def _resize_placeholders(self, input_ids, attention_mask, labels, tokens: list[VisualTokens], num_tiles: int):
         """Resize the processor's placeholder runs to the encoder stage's token count (MouSi experts)."""
@@ -263,8 +291,10 @@ class VLMWrapper(nn.Module):
     @contextlib.contextmanager
     def _language_context(self, batch: AssembledBatch):
         with contextlib.ExitStack() as stack:
-            for stage in self.stages:
+            for stage in (*self.stages_of("encoder"), *self.stages_of("position")):
                 stack.enter_context(stage.language_context(self.family, batch))
+            for stage in self.stages_of("decoder"):
+                stack.enter_context(stage.decoder_context(self.family, batch))
             yield
 
     def run_language_model(self, batch: AssembledBatch, **kwargs):
@@ -273,10 +303,11 @@ class VLMWrapper(nn.Module):
             return self.base_model(**self._language_inputs(batch), **kwargs)
 
     def _heads(self) -> list[Stage]:
-        return [s for s in self.stages if _implements(s, "head_forward")]
+        return self.stages_of("head")
 
     def _passthrough(self, pixel_values) -> bool:
-        return pixel_values is None and not self.stages_of("position") and not self._heads()
+        """Text-only input and no stage that acts on the language model: call the wrapped model as it is."""
+        return pixel_values is None and not any(s.role in ("position", "decoder", "head") for s in self.stages)
 
     def forward(
         self,
@@ -304,7 +335,7 @@ class VLMWrapper(nn.Module):
         outputs = self.run_language_model(batch, labels=batch.labels, **kwargs)
         for head in heads:
             given = {n: head_inputs[n] for n in head.head_input_names if head_inputs.get(n) is not None}
-            outputs = head.head_forward(self, batch, outputs, **given)
+            outputs = head.head_forward(batch, outputs, **given)
         return outputs
 
     @torch.no_grad()
@@ -335,23 +366,6 @@ class VLMWrapper(nn.Module):
         out.sequences = torch.cat([prompt, out.sequences], dim=1)
         return out
 
-    def masks_from_text(self, texts: list[str], image_sizes=None, images=None) -> list:
-        """Turn generated answers into masks with the wrapper's text-parsing head (e.g. Text4Seg).
-
-        ``image_sizes`` are (H, W) per answer (or taken from ``images``); returns the head's results.
-        """
-        head = self._stage_with("masks_from_text", "vlmkit.Text4SegConfig()")
-        return head.masks_from_text(texts, image_sizes=image_sizes, images=images)
-
-    def segment(self, *args, **kwargs):
-        """Masks from a mask-producing head (READ: one mask per generated ``[SEG]``); see the head's ``segment``."""
-        return self._stage_with("segment", "vlmkit.READConfig(...)").segment(self, *args, **kwargs)
-
-    def generate_image_tokens(self, *args, **kwargs):
-        """Image codes generated after a text prompt (SEED); see the stage's ``generate_image_tokens``."""
-        return self._stage_with("generate_image_tokens", "vlmkit.SEEDConfig()").generate_image_tokens(
-            self, *args, **kwargs)
-
     # --- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, save_base_model: bool = False) -> None:
         """Write ``vlmkit.json`` (stage configs) and the stages' weights (safetensors) to ``path``.
@@ -364,7 +378,7 @@ class VLMWrapper(nn.Module):
         os.makedirs(path, exist_ok=True)
         meta = {
             "format": "vlmkit",
-            "version": 1,
+            "version": FORMAT_VERSION,
             "model_type": self.family.model_type,
             "base_model": getattr(self.config, "_name_or_path", "") or "",
             "stages": [c.to_dict() for c in self.stage_configs],
@@ -417,6 +431,9 @@ def read_saved(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.load(f)
     if meta.get("format") != "vlmkit" or not isinstance(meta.get("stages"), list):
         raise ValueError(f"{file} is not a vlmkit config (expected 'format': 'vlmkit' and a 'stages' list)")
+    if meta.get("version", 1) not in (1, FORMAT_VERSION):
+        raise ValueError(f"{file} has format version {meta.get('version')!r}; this vlmkit reads versions 1 and "
+                         f"{FORMAT_VERSION} (upgrade vlmkit)")
     return meta
 
 
@@ -451,10 +468,9 @@ def load(path_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike |
     if os.path.isfile(weights):
         state = load_file(weights)
         added = {k: state.pop(k) for k in list(state) if k.startswith(ADDED_PREFIX)}
-        # saved stage i sits at index where[i] once the extra stages are sorted in by role
-        where = {i: next(j for j, s in enumerate(wrapped.stages) if s.config is c) for i, c in enumerate(configs)}
-        state = {f"{where[int(k.split('.', 1)[0])]}.{k.split('.', 1)[1]}": v for k, v in state.items()}
-        own = {f"{j}.{k}" for j in where.values() for k in wrapped.stages[j].state_dict()}
+        if meta.get("version", 1) == 1:  # keys "i.rest" (i = position in the saved list) -> "type.rest"
+            state = {f"{configs[int(k.split('.', 1)[0])].type}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+        own = {f"{c.type}.{k}" for c in configs for k in wrapped.stages[c.type].state_dict()}
         missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
         if missing or unexpected:
             raise ValueError(f"{weights} does not match the stages: missing {missing}, unexpected {unexpected}")

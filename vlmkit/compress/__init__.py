@@ -17,7 +17,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..config import StageConfig
-from ..stage import Stage
+from ..stage import CompressorStage
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 class PruneConfig(StageConfig):
     """Base config of a pruning compressor: how many visual tokens each image keeps."""
 
-    role = "compressor"
+    pruner = True
     keep_ratio: float | None = None
     num_keep: int | None = None
 
@@ -49,6 +49,10 @@ class PruneConfig(StageConfig):
             if isinstance(self.num_keep, bool) or not isinstance(self.num_keep, int) or self.num_keep < 1:
                 raise ValueError(f"num_keep must be an int >= 1, got {self.num_keep!r}")
 
+    @classmethod
+    def example(cls) -> "PruneConfig":
+        return cls(keep_ratio=0.5)
+
     def num_to_keep(self, num_tokens: int) -> int:
         """How many of ``num_tokens`` uncompressed tokens one image keeps (ValueError if more than it has)."""
         if self.num_keep is not None:
@@ -60,7 +64,7 @@ class PruneConfig(StageConfig):
         return k
 
 
-class PruneStage(Stage):
+class PruneStage(CompressorStage):
     """Base of pruning stages: budget check at ``attach``; ``compress`` keeps ``select(tokens, k)`` of each
     image's grid tokens, plus its newline tokens (see the module docstring)."""
 

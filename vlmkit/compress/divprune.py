@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from . import PruneConfig, PruneStage
+from ..config import register_stage
 from ..tokens import VisualTokens
 
 
@@ -23,7 +24,6 @@ class DivPruneConfig(PruneConfig):
     """Keep ``keep_ratio`` (or ``num_keep``) tokens per image by max–min diversity."""
 
     type = "divprune"
-    stage_class = "vlmkit.compress.divprune:DivPrune"
 
 
 def divprune_select(embeds: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -45,6 +45,7 @@ def divprune_select(embeds: torch.Tensor, num_keep: int) -> torch.Tensor:
     return chosen.nonzero().flatten()
 
 
+@register_stage(DivPruneConfig)
 class DivPrune(PruneStage):
     """Training-free baseline: diversity-based selection on the tokens the language model would see."""
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from . import PruneConfig, PruneStage
+from ..config import register_stage
 from ..tokens import VisualTokens
 
 STRATEGIES = ("rank", "row")
@@ -59,7 +60,7 @@ class FoPruConfig(PruneConfig):
     """
 
     type = "fopru"
-    stage_class = "vlmkit.compress.fopru:FoPru"
+    requires = ("patch_grid",)
     strategy: str = "rank"
     layer: int | None = None
     cls_query: bool = True
@@ -191,6 +192,7 @@ def patch_to_token_scores(key_scores: torch.Tensor, patch_grid: tuple[int, int],
     return blocks.sum(dim=(2, 4)).reshape(B, -1)
 
 
+@register_stage(FoPruConfig)
 class FoPru(PruneStage):
     """Pre-LLM pruning from one vision layer's attention (training-free). Scores land in ``VisualTokens.scores``."""
 

@@ -41,8 +41,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import StageConfig
-from ..stage import Stage
+from ..config import StageConfig, register_stage
+from ..stage import CompressorStage
 from ..tokens import VisualTokens
 from .fopru import find_attention
 
@@ -55,12 +55,16 @@ class PVCConfig(StageConfig):
     AdaLN in the last ``temporal_layers`` vision layers (ending at the feature layer). Trainable."""
 
     type = "pvc"
-    role = "compressor"
-    stage_class = "vlmkit.compress.pvc:PVC"
+    requires = ("patch_grid",)
     exclusive = True  # it re-runs the vision tower itself: no other compressor can share the images
     frames: int = 4
     tokens_per_frame: int = 64
     temporal_layers: int = 4
+
+    @classmethod
+    def example(cls) -> "PVCConfig":
+        """Two frames of 4 tokens through one temporal layer: fits a 4×4-token tile."""
+        return cls(frames=2, tokens_per_frame=4, temporal_layers=1)
 
     def validate(self) -> None:
         for name in ("frames", "tokens_per_frame", "temporal_layers"):
@@ -163,7 +167,8 @@ class _Run:
     pixel_values: torch.Tensor | None = None
 
 
-class PVC(Stage):
+@register_stage(PVCConfig)
+class PVC(CompressorStage):
     """Trainable PVC stage (see the module docstring). Submodules ``temporal`` and ``compressor``."""
 
     compress_input_names = ("video_frames",)

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from . import PruneConfig, PruneStage
+from ..config import register_stage
 from ..tokens import VisualTokens
 
 
@@ -24,7 +25,6 @@ class RandomPruneConfig(PruneConfig):
     """
 
     type = "random"
-    stage_class = "vlmkit.compress.random:RandomPrune"
     seed: int = 0
 
     def validate(self) -> None:
@@ -33,6 +33,7 @@ class RandomPruneConfig(PruneConfig):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
 
+@register_stage(RandomPruneConfig)
 class RandomPrune(PruneStage):
     """Training-free baseline: a seeded random subset of ``K`` tokens per image."""
 

@@ -10,6 +10,15 @@ from torch import nn
 from ..tokens import VisualTokens
 
 
+#: What a stage may need from a family (``StageConfig.requires``); a family lists what it has in ``capabilities``.
+CAPABILITIES: dict[str, str] = {
+    "patch_grid": "a fixed tile whose visual tokens pool a grid of vision-tower patches, with the attention q/k and "
+                  "MLP of every vision layer exposed by the family",
+    "rope_1d": "a decoder whose rotary embedding takes 1-D positions",
+    "single_tile": "one pixel_values row per image",
+}
+
+
 def _as_pair(value) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         return int(value[0]), int(value[1])
@@ -26,6 +35,9 @@ class Family:
     model_type: ClassVar[str] = ""
     model_class_names: ClassVar[tuple[str, ...]] = ()
     image_kwarg_names: ClassVar[tuple[str, ...]] = ()  # extra processor outputs get_image_features takes
+    #: keys of ``CAPABILITIES`` this family has; ``lacks`` says why for each one it does not
+    capabilities: ClassVar[frozenset[str]] = frozenset({"patch_grid", "rope_1d"})
+    lacks: ClassVar[dict[str, str]] = {"single_tile": "tiles its images (several pixel_values rows per image)"}
 
     def __init__(self, model: nn.Module) -> None:
         # A PEFT model (LoRA on the HF model) is called as it is; attributes are read from the model inside.
@@ -37,6 +49,15 @@ class Family:
             )
         self.model = inner
         self.config = inner.config
+
+    def require(self, capability: str, stage: str) -> None:
+        """ValueError naming the stage, the capability and why this family lacks it (``wrap()`` time)."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"stage {stage!r} requires unknown capability {capability!r}; known: {sorted(CAPABILITIES)}")
+        if capability not in self.capabilities:
+            why = self.lacks.get(capability, "does not provide it")
+            raise ValueError(f"stage {stage!r} needs {CAPABILITIES[capability]} ({capability!r}), but "
+                             f"{self.model_type!r} {why}")
 
     # --- ids and embeddings -------------------------------------------------------------------
     @property
@@ -60,6 +81,11 @@ class Family:
     def language_model(self) -> nn.Module:
         """The decoder backbone (``LlamaModel``/``Qwen2Model``…) that runs on ``inputs_embeds``."""
         return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's transformer layers, in order (what decoder stages act between)."""
+        return self.language_model.layers
 
     @property
     def rotary_embedding(self) -> nn.Module | None:

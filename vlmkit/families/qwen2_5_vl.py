@@ -61,6 +61,13 @@ class Qwen2_5_VLFamily(Family):
     # mm_token_type_ids describe the *original* sequence: the wrapper must not hand them to the decoder
     # with the assembled one, so the family takes (and ignores) them.
     image_kwarg_names = ("image_grid_thw", "mm_token_type_ids")
+    capabilities = frozenset()
+    lacks = {
+        "patch_grid": "has dynamic resolution (there is no fixed tile size) and windowed vision attention with a "
+                      "fused qkv",
+        "rope_1d": "uses M-RoPE (3-D (t, h, w) positions); position schemes need 1-D RoPE",
+        "single_tile": "passes images as variable-size patch sequences, not pixel_values rows",
+    }
 
     # --- vision -------------------------------------------------------------------------------
     @property

@@ -13,7 +13,7 @@ _EXPORTS = {
     "v2pe_position_ids": "vlmkit.position.v2pe",
     "MouSiPositionConfig": "vlmkit.position.mousi",
     "mousi_position_ids": "vlmkit.position.mousi",
-    "PositionStage": "vlmkit.position.rotary",
+    "RotaryPositionStage": "vlmkit.position.rotary",
     "integer_positions": "vlmkit.position.rotary",
 }
 

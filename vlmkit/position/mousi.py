@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..config import StageConfig
-from .rotary import PositionStage, check_masks, visual_runs
+from ..config import StageConfig, register_stage
+from .rotary import RotaryPositionStage, check_masks, visual_runs
 
 if TYPE_CHECKING:
     from ..sequence import AssembledBatch
@@ -70,8 +70,7 @@ class MouSiPositionConfig(StageConfig):
     """
 
     type = "mousi_position"
-    role = "position"
-    stage_class = "vlmkit.position.mousi:MouSiPosition"
+    requires = ("rope_1d",)
     mode: str = "row"
 
     def validate(self) -> None:
@@ -193,7 +192,8 @@ def _block_positions(mode: str, index: torch.Tensor, blocks, length: int, key: i
     return 1 + index, length  # original
 
 
-class MouSiPosition(PositionStage):
+@register_stage(MouSiPositionConfig)
+class MouSiPosition(RotaryPositionStage):
     """MouSi position stage: reads grid cells from ``batch.visual_index`` and sizes from ``batch.tokens``."""
 
     def rope_positions(self, batch: "AssembledBatch", training: bool | None = None) -> torch.Tensor:

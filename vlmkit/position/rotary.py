@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
-from ..stage import Stage
+from ..stage import PositionStage
 
 if TYPE_CHECKING:
     from ..families.base import Family
@@ -185,7 +185,7 @@ def patch_forward(module: nn.Module, forward) -> Iterator[None]:
             del module.forward
 
 
-class PositionStage(Stage):
+class RotaryPositionStage(PositionStage):
     """Base of the position schemes: subclasses implement ``rope_positions(batch)`` only.
 
     ``position_ids(batch)`` returns plain integer positions [B, L] (so masks, packed-sequence detection and

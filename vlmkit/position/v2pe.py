@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..config import StageConfig
-from .rotary import PositionStage, check_masks, visual_runs
+from ..config import StageConfig, register_stage
+from .rotary import RotaryPositionStage, check_masks, visual_runs
 
 if TYPE_CHECKING:
     from ..families.base import Family
@@ -49,8 +49,7 @@ class V2PEConfig(StageConfig):
     """
 
     type = "v2pe"
-    role = "position"
-    stage_class = "vlmkit.position.v2pe:V2PE"
+    requires = ("rope_1d",)
     stride: float = 64
     tokens_per_tile: int | None = None
     train_strides: tuple[float, ...] = TRAIN_STRIDES
@@ -144,7 +143,8 @@ def draw_train_strides(num_images: int, train_strides: Sequence[float], generato
     return [train_strides[int(i)] for i in picks]
 
 
-class V2PE(PositionStage):
+@register_stage(V2PEConfig)
+class V2PE(RotaryPositionStage):
     """V2PE position stage: fixed ``stride`` in eval mode, one drawn stride per image in training mode."""
 
     def __init__(self, config: V2PEConfig) -> None:

@@ -83,8 +83,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.config import StageConfig
-from vlmkit.stage import Stage
+from vlmkit.config import StageConfig, register_stage
+from vlmkit.stage import HeadStage
 
 __all__ = [
     "PMPConfig", "PMPHead", "PMPDecoder", "TextCrossAttention", "MLP", "sine_position_embedding",
@@ -609,8 +609,6 @@ class PMPConfig(StageConfig):
     """
 
     type = "pmp"
-    role = "head"
-    stage_class = "vlmkit.seg.pmp:PMPHead"
 
     num_queries: int = 16
     hidden_dim: int = 256
@@ -627,6 +625,10 @@ class PMPConfig(StageConfig):
     no_object_weight: float = 0.1
     deep_supervision: bool = True
     loss_weight: float = 1.0
+
+    @classmethod
+    def example(cls) -> "PMPConfig":
+        return cls(num_queries=6, hidden_dim=32, num_layers=3, num_heads=4, ffn_dim=64)
 
     def validate(self) -> None:
         for name in ("num_queries", "hidden_dim", "num_heads", "ffn_dim"):
@@ -680,7 +682,8 @@ def _as_targets(masks: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-class PMPHead(Stage):
+@register_stage(PMPConfig)
+class PMPHead(HeadStage):
     """PMP as a vlmkit head: mask proposals from the language model's hidden states (see module docstring).
 
     ``wrapper(**inputs)`` sets ``outputs["mask_proposals"]`` [B, Q, h, w] (logits on the visual-token
@@ -757,7 +760,7 @@ class PMPHead(Stage):
         text, text_mask = self.text_tokens(batch, hidden)
         return self.decoder(pix, text, text_mask)
 
-    def head_forward(self, wrapper, batch, outputs, masks=None, **_):
+    def head_forward(self, batch, outputs, masks=None, **_):
         out = self.propose(batch, outputs.hidden_states)
         outputs["mask_proposals"] = out["pred_masks"]
         outputs["proposal_scores"] = out["pred_scores"]

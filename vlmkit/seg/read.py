@@ -69,8 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.config import StageConfig
-from vlmkit.stage import Stage
+from vlmkit.config import StageConfig, register_stage
+from vlmkit.stage import AddsTokens, TokenMaskHead
 
 __all__ = [
     "SEG_TOKEN", "SAM_TYPES", "GRID_VIEWS", "SHORT_QUESTION_LIST", "LONG_QUESTION_LIST", "ANSWER_LIST",
@@ -135,8 +135,6 @@ class READConfig(StageConfig):
     """
 
     type = "read"
-    role = "head"
-    stage_class = "vlmkit.seg.read:READ"
 
     sam: str = "vit_h"
     sam_checkpoint: str | None = None
@@ -151,6 +149,11 @@ class READConfig(StageConfig):
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     dice_scale: float = 1000.0
+
+    @classmethod
+    def example(cls) -> "READConfig":
+        """READ on the tiny random SAM (``sam="tiny"``: no checkpoint to load)."""
+        return cls(sam="tiny", down_sample=1)
 
     def validate(self) -> None:
         if self.sam not in SAM_TYPES:
@@ -408,7 +411,8 @@ def _image_size(image: Any) -> tuple[int, int]:
     return tuple(rgb_array(image).shape[:2])  # type: ignore[return-value]
 
 
-class READ(Stage):
+@register_stage(READConfig)
+class READ(AddsTokens, TokenMaskHead):
     """The ``[SEG]`` head. Parameters: ``text_hidden_fcs`` and SAM's ``mask_decoder`` (built in ``attach``).
 
     ``forward`` inputs: ``sam_images`` (one PIL / uint8 [H, W, 3] image per sample; None for a sample
@@ -559,7 +563,7 @@ class READ(Stage):
         return out, prompts
 
     # --- training -------------------------------------------------------------------------------
-    def head_forward(self, wrapper, batch, outputs, sam_images=None, masks=None, **_):
+    def head_forward(self, batch, outputs, sam_images=None, masks=None, **_):
         """Add ``mask_logits`` (and, with ``masks``, the combined loss) to the language model's ``outputs``."""
         if sam_images is None:
             if masks is not None:

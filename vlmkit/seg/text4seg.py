@@ -34,8 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from vlmkit.config import StageConfig
-from vlmkit.stage import Stage
+from vlmkit.config import StageConfig, register_stage
+from vlmkit.stage import TextMaskHead
 
 __all__ = [
     "BACKGROUND", "SEG_START", "SEG_END", "FORMATS", "DECODE_MODES", "REPAIR_KINDS", "GRID_RANGE",
@@ -715,8 +715,6 @@ class Text4SegConfig(StageConfig):
     """
 
     type = "text4seg"
-    role = "head"
-    stage_class = "vlmkit.seg.text4seg:Text4Seg"
 
     grid: int = 16
     refine: str = "none"
@@ -728,6 +726,10 @@ class Text4SegConfig(StageConfig):
     decode: str = "lenient"
     format: str = "rrle"
     align_prior: bool = False
+
+    @classmethod
+    def example(cls) -> "Text4SegConfig":
+        return cls(grid=4)
 
     def validate(self) -> None:
         _check_int("grid", self.grid, *GRID_RANGE)
@@ -768,7 +770,8 @@ class Text4SegResult:
         return self.decoded.repairs
 
 
-class Text4Seg(Stage):
+@register_stage(Text4SegConfig)
+class Text4Seg(TextMaskHead):
     """Text4Seg head. ``masks_from_text`` turns generated answers into masks.
 
     SAM (``refine="sam"``) comes from ``sam=`` (an ``nn.Module`` from ``segment_anything``) or is

@@ -90,14 +90,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import StageConfig
+from ..config import StageConfig, register_stage
 from ..position.mousi import MODES, mousi_position_ids
 from ..position.rotary import patch_forward
-from ..stage import Stage
+from ..stage import EncoderStage
 from ..tokens import VisualTokens
-
-#: families whose pixel_values hold one row per image (tiled families would need per-tile experts)
-SINGLE_TILE_FAMILIES = ("llava",)
 
 if TYPE_CHECKING:
     from ..families.base import Family
@@ -551,8 +548,7 @@ class ExpertsConfig(StageConfig):
     """
 
     type = "experts"
-    role = "encoder"
-    stage_class = "vlmkit.vision.experts:ExpertsStage"
+    requires = ("single_tile",)
     exclusive = True  # one stage decides how images are encoded
 
     experts: list = dataclasses.field(default_factory=_default_experts)
@@ -583,6 +579,11 @@ class ExpertsConfig(StageConfig):
     def sets_positions(self) -> bool:
         """``shared`` / ``row`` remap positions themselves: ``wrap`` refuses a position stage next to them."""
         return self.positions != "original"
+
+    @classmethod
+    def example(cls) -> "ExpertsConfig":
+        """The wrapped model's own tower as the only expert (no open_clip / SAM weights needed)."""
+        return cls(experts=[{"name": "own"}])
 
     def validate(self) -> None:
         if self.fusion not in FUSIONS:
@@ -630,7 +631,8 @@ class ExpertsConfig(StageConfig):
         return int(self.experts[i].get("queries", self.queries))
 
 
-class ExpertsStage(Stage):
+@register_stage(ExpertsConfig)
+class ExpertsStage(EncoderStage):
     """Encodes every image with all experts and fuses them (``encode_images``); realises ``positions``.
 
     Built modules appear at ``attach`` (``wrap`` time): ``fusers`` (trainable, saved) and the frozen
@@ -649,9 +651,6 @@ class ExpertsStage(Stage):
         return list(self._experts)
 
     def attach(self, family: "Family") -> None:
-        if family.model_type not in SINGLE_TILE_FAMILIES:
-            raise ValueError(f"ExpertsConfig needs one pixel_values row per image (families "
-                             f"{list(SINGLE_TILE_FAMILIES)}); {family.model_type!r} tiles its images")
         if self._experts:  # already built (attach after detach): keep the trained fusion modules
             return
         embeddings = family.model.get_input_embeddings()

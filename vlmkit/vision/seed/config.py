@@ -38,8 +38,6 @@ class SEEDConfig(StageConfig):
     """
 
     type = "seed"
-    role = "head"
-    stage_class = "vlmkit.vision.seed:SEED"
     num_queries: int = 32
     codebook: int = 8192
     code_dim: int = 32
@@ -68,6 +66,11 @@ class SEEDConfig(StageConfig):
     namespaced_eoi: str = "</seed_img>"
     markers: str = "auto"
     first_image_id: int | None = None
+
+    @classmethod
+    def example(cls) -> "SEEDConfig":
+        return cls(codebook=64, code_dim=8, width=32, layers=2, heads=2, intermediate=64, decoder_depth=1,
+                   decoder_heads=2, contrastive_dim=16)
 
     def validate(self) -> None:
         own = "SEEDConfig"

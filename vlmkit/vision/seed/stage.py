@@ -11,7 +11,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from vlmkit.stage import Stage
+from vlmkit.config import register_stage
+from vlmkit.stage import VocabularyStage
 
 from .config import SEEDConfig, image_token_strings, resolve_markers
 from .tokenizer import LMTextEmbedder, SeedTokenizer, _set_plain
@@ -130,7 +131,8 @@ class _FamilyFeatures:
 _FAMILY_MARKERS = {"internvl": ("<img>", "</img>", "<IMG_CONTEXT>")}
 
 
-class SEED(Stage):
+@register_stage(SEEDConfig)
+class SEED(VocabularyStage):
     """SEED in the language model: the tokenizer over the wrapped model's frozen features, the image
     tokens in its vocabulary, reading images as tokens and generating them (see the module docstring).
 
