@@ -64,7 +64,7 @@ def test_config_defaults_are_the_reference_and_validation_names_the_value():
     c = SEEDConfig()
     assert (c.num_queries, c.codebook, c.code_dim, c.width, c.beta) == (32, 8192, 32, 768, 0.25)
     assert (c.vq_weight, c.recon_weight, c.image_weight, c.temperature, c.label_smoothing) == (5, 2, 0.5, 0.07, 0.1)
-    assert (c.boi, c.eoi, c.role, c.type) == ("<img>", "</img>", "head", "seed")
+    assert (c.boi, c.eoi, c.role, c.type) == ("<img>", "</img>", "vocabulary", "seed")
     assert image_token_strings(SEEDConfig(codebook=8192))[::8191] == ["<img_00000>", "<img_08191>"]
     data = json.loads(json.dumps(c.to_dict()))
     assert data.pop("type") == "seed" and SEEDConfig(**data) == c

@@ -35,6 +35,8 @@ class Family:
     model_type: ClassVar[str] = ""
     model_class_names: ClassVar[tuple[str, ...]] = ()
     image_kwarg_names: ClassVar[tuple[str, ...]] = ()  # extra processor outputs get_image_features takes
+    #: token strings the family's prompts use around images (stages adding tokens must not reuse them)
+    image_markers: ClassVar[tuple[str, ...]] = ()
     #: keys of ``CAPABILITIES`` this family has; ``lacks`` says why for each one it does not
     capabilities: ClassVar[frozenset[str]] = frozenset({"patch_grid", "rope_1d"})
     lacks: ClassVar[dict[str, str]] = {"single_tile": "tiles its images (several pixel_values rows per image)"}
@@ -71,6 +73,11 @@ class Family:
             if pad is not None:
                 return int(pad)
         return 0
+
+    @property
+    def text_width(self) -> int:
+        """Hidden size of the language model (= width of the projected visual tokens)."""
+        return int(self.model.get_input_embeddings().embedding_dim)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] ids -> [B, S, D] input embeddings of the language model."""

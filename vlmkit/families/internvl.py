@@ -14,6 +14,7 @@ from .base import Family
 class InternVLFamily(Family):
     model_type = "internvl"
     model_class_names = ("InternVLForConditionalGeneration",)
+    image_markers = ("<img>", "</img>", "<IMG_CONTEXT>")
 
     @property
     def vision_layers(self):

@@ -127,10 +127,6 @@ class _FamilyFeatures:
         return torch.stack(list(feats))
 
 
-#: Image markers a family is known to use (so ``markers="auto"`` namespaces SEED's without a tokenizer).
-_FAMILY_MARKERS = {"internvl": ("<img>", "</img>", "<IMG_CONTEXT>")}
-
-
 @register_stage(SEEDConfig)
 class SEED(VocabularyStage):
     """SEED in the language model: the tokenizer over the wrapped model's frozen features, the image
@@ -153,7 +149,7 @@ class SEED(VocabularyStage):
 
     # --- wrap-time hooks --------------------------------------------------------------------------
     def attach(self, family) -> None:
-        D = int(family.config.text_config.hidden_size)
+        D = family.text_width
         if self.config.vision_dim is not None and self.config.vision_dim != D:
             raise ValueError(f"SEEDConfig.vision_dim={self.config.vision_dim} but the {family.model_type} model's "
                              f"image features are {D}-wide (its LM width); leave vision_dim=None")
@@ -168,7 +164,7 @@ class SEED(VocabularyStage):
         self._family = None
 
     def _family_markers(self) -> tuple[str, ...]:
-        return _FAMILY_MARKERS.get(getattr(self._family, "model_type", ""), ())
+        return () if self._family is None else tuple(self._family.image_markers)
 
     @property
     def markers(self) -> tuple[str, str]:
