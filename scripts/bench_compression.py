@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{gemm_rate:>14.1f}")
 
     # --- scoring overhead vs the vision tower ---------------------------------------------------------
-    tower = model.model.vision_tower
+    tower = family.vision_tower
     attn = stage.scored_attention(family)
     captured = []
     handle = attn.register_forward_pre_hook(lambda m, a, kw: captured.append(a[0] if a else kw["hidden_states"]),
@@ -269,22 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     eager.set_attn_implementation("eager")
     layer = stage.scored_layer - len(family.vision_layers)
     with torch.no_grad():  # the naive route and the hook agree (sanity check of what is being timed)
-        agree = torch.allclose(naive_scores(eager, pixels, layer), stage.token_scores(attn, captured[0]),
+        agree = torch.allclose(naive_scores(eager, pixels, layer), stage.token_scores(family, captured[0]),
                                rtol=1e-3, atol=1e-6)
     v_times, s_times, n_times = [], [], []
     with torch.no_grad():
         steps = tqdm(total=args.vision_repeats, desc="vision", disable=args.quiet, file=sys.stdout)
         for _ in range(args.vision_repeats):
             v_times.append(timed(lambda: tower(pixels, output_hidden_states=True), args.device))
-            s_times.extend(timed(lambda: stage.token_scores(attn, captured[0]), args.device) for _ in range(5))
+            s_times.extend(timed(lambda: stage.token_scores(family, captured[0]), args.device) for _ in range(5))
             n_times.append(timed(lambda: naive_scores(eager, pixels, layer), args.device))
             steps.update()
         steps.close()
     v_meta = torch.empty(pixels.shape, device="meta")
-    tower_flops = counted_flops(lambda: meta.model.vision_tower(v_meta, output_hidden_states=True))
+    meta_family = family_for(meta)
+    tower_flops = counted_flops(lambda: meta_family.vision_tower(v_meta, output_hidden_states=True))
     x_meta = torch.empty(captured[0].shape, device="meta")
-    meta_attn = stage.scored_attention(family_for(meta))
-    score_flops = counted_flops(lambda: stage.token_scores(meta_attn, x_meta))
+    score_flops = counted_flops(lambda: stage.token_scores(meta_family, x_meta))
     tv, ts, tn = min(v_times), min(s_times), min(n_times)
     print(f"\nFoPru scoring: attention of vision layer {stage.scored_layer} (0-based) of {len(family.vision_layers)}, "
           f"recomputed by a hook (matches the eager output_attentions route: {agree})")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmkit.seg.text4seg import BACKGROUND, decode, decode_answer, downsample_mask, encode, grid_to_mask, wrap_answer
+from vlmkit.seg.rrle import BACKGROUND, decode, decode_answer, downsample_mask, encode, grid_to_mask, wrap_answer
 
 PHRASES = [
     "man in red shirt", "left zebra", "white car on the right", "bowl of soup", "woman holding umbrella",

@@ -1,14 +1,16 @@
-"""Test-only stages: a compressor that keeps every other visual token and scales them (one parameter)."""
+"""Test-only stages, one per role: a compressor that keeps every other visual token and scales them (one
+parameter), a vocabulary adder, a head, an encoder and a decoder-layer probe."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 from torch import nn
 
 from vlmkit.config import StageConfig, register_stage
-from vlmkit.stage import AddsTokens, CompressorStage, EncoderStage, HeadStage
+from vlmkit.stage import AddsTokens, CompressorStage, DecoderStage, EncoderStage, HeadStage
 
 
 @dataclasses.dataclass
@@ -43,6 +45,9 @@ class AddTokensConfig(StageConfig):
 
     type = "test_add_tokens"
     tokens: tuple = ("<a1>", "<a2>")
+
+    def validate(self) -> None:
+        self.tokens = tuple(self.tokens)  # JSON gives a list back
 
 
 @register_stage(AddTokensConfig)
@@ -101,3 +106,35 @@ class RepeatEncoder(EncoderStage):
 
     def placeholders_per_image(self, family):
         return 2 * family.tokens_per_tile
+
+
+@dataclasses.dataclass
+class LayerProbeConfig(StageConfig):
+    """Decoder stage that changes nothing and records the sequence length every decoder layer runs on."""
+
+    type = "test_layer_probe"
+
+
+@register_stage(LayerProbeConfig)
+class LayerProbe(DecoderStage):
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.calls: list[list[int]] = []  # per language-model call: the length each layer saw
+        self.batches: list = []
+
+    @contextlib.contextmanager
+    def decoder_context(self, family, batch):
+        self.batches.append(batch)
+        handles = []
+        for i, layer in enumerate(family.decoder_layers):
+            def hook(module, args, kwargs, i=i):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if i == 0:
+                    self.calls.append([])
+                self.calls[-1].append(int(hidden.shape[1]))
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

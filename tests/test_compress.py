@@ -29,12 +29,16 @@ def tiny(family):
 
 
 def _pruners(**budget):
-    return [
-        vlmkit.FoPruConfig(strategy="rank", **budget),
-        vlmkit.FoPruConfig(strategy="row", **budget),
-        vlmkit.RandomPruneConfig(seed=3, **budget),
-        vlmkit.DivPruneConfig(**budget),
-    ]
+    """Every registered pruner (FoPru once per strategy: the compatibility matrix's variants) with ``budget``;
+    a pruner registered by a test module pytest has imported (``_pruner_example``) is among them."""
+    import dataclasses
+
+    from vlmkit.config import registered_configs
+
+    budget = {"keep_ratio": None, "num_keep": None, **budget}
+    configs = [dataclasses.replace(v, **budget) for c in registered_configs(pruner=True) for v in c.variants().values()]
+    assert {"fopru", "random", "divprune"} <= {c.type for c in configs}
+    return configs
 
 
 # --- fopru_select: hand-computed selections ---------------------------------------------------------

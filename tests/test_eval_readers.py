@@ -335,7 +335,7 @@ def test_box_parser():
 
 
 def test_text4seg_parser_round_trips_a_mask():
-    from vlmkit.seg.text4seg import encode_rrle, grid_to_mask, mask_to_labels, wrap_answer
+    from vlmkit.seg.rrle import encode_rrle, grid_to_mask, mask_to_labels, wrap_answer
 
     mask = np.zeros((40, 24), bool)
     mask[5:30, 3:17] = True
@@ -349,7 +349,7 @@ def test_text4seg_parser_round_trips_a_mask():
 
 
 def test_text4seg_semantic_parser_maps_class_names():
-    from vlmkit.seg.text4seg import encode_rrle, wrap_answer
+    from vlmkit.seg.rrle import encode_rrle, wrap_answer
 
     blocks = np.array([["wall", "sky"], ["others", "unicorn"]], dtype=object)
     grid = blocks.repeat(2, axis=0).repeat(2, axis=1)  # 4 x 4 cells

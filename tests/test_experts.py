@@ -421,7 +421,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "vlmkit_stages.safetensors")
-    assert saved and all(k.startswith("0.fusers.") for k in saved)  # no backbone weights
+    assert saved and all(k.startswith("experts.fusers.") for k in saved)  # no backbone weights
     loaded = vlmkit.load(model, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, ref)

@@ -1,23 +1,31 @@
 """Family adapters (LLaVA-NeXT, LLaVA-OneVision, SmolVLM/Idefics3, Qwen2.5-VL) and the compatibility matrix.
 
-The matrix cells (``vlmkit.compat``) check identity bit-exactness against the unwrapped model, batch-N ==
-batch-1 for ``forward(labels)`` and ``generate``, and the pruning budget; a cell may only fail with the
-error its ``KNOWN_LIMITS`` entry documents. The layout tests compare the adapters' ``VisualTokens``
-against facts worked out by hand from the models' packing rules.
+The matrix (``vlmkit.compat``) has one row per tiny family and one column per registered stage; its cells
+check identity bit-exactness against the unwrapped model, batch-N == batch-1 for ``forward(labels)`` and
+``generate``, and the pruning budget. A cell is unsupported exactly where the family lacks a capability the
+stage ``requires`` (``wrap()`` refusing, the family's ``lacks`` text the reason). The layout tests compare the
+adapters' ``VisualTokens`` against facts worked out by hand from the models' packing rules.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+from pathlib import Path
 
+import _pruner_example  # noqa: F401  (registers the test-only pruner "test_largest_norm")
 import pytest
 import torch
+from _pruner_example import LargestNormConfig
+from test_stage_contract import EXPECTED_FAILURES
 
 import vlmkit
 from vlmkit import compat
-from vlmkit.compat import CELLS, FAMILIES, KNOWN_LIMITS, make_batch, run_cell
+from vlmkit.compat import make_batch
 from vlmkit.families import family_for, supported_families
-from vlmkit.testing import tiny_vlm
+from vlmkit.testing import tiny_families, tiny_vlm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,25 +34,90 @@ def tiny(family):
 
 
 # --- the matrix -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+#: every built-in stage plus the test-only pruner (a stage registered outside vlmkit gets its column too)
+MATRIX_COLUMNS = compat.matrix_columns([*compat.builtin_configs(), LargestNormConfig])
+
+
+def expected_status(family: str, column) -> tuple[str, str]:
+    """(status, detail) a cell must have: unsupported (reason: the family's lacks text) where the family lacks
+    a capability the stage requires; fail where the conformance battery expects the stage's batch check to
+    fail on this family (``test_stage_contract.EXPECTED_FAILURES``, with the reason); pass otherwise."""
+    adapter = family_for(tiny(family)[0])
+    missing = compat.missing_capabilities(adapter, column)
+    if missing:
+        return "unsupported", "; ".join(compat.unsupported_reason(adapter, m) for m in missing)
+    why = column.config_class is not None and EXPECTED_FAILURES.get((column.config_class.type, family, "batch"))
+    return ("fail", why) if why else ("pass", "")
+
+
+@pytest.mark.parametrize("family", tiny_families())
 def test_matrix_row(family):
-    """Every cell passes, or fails exactly as its documented limit says (and the limit is not stale)."""
-    model, processor = tiny(family)
-    results = [run_cell(family, cell, model, processor) for cell in CELLS]
-    bad = [(r.cell, r.status, r.detail) for r in results if r.status not in ("pass", "unsupported")]
-    assert not bad, bad
-    unsupported = {r.cell for r in results if r.status == "unsupported"}
-    assert unsupported == {c for f, c in KNOWN_LIMITS if f == family}
+    """Every cell of the row runs and ends as ``expected_status`` says."""
+    results = compat.run_matrix([family], MATRIX_COLUMNS)
+    got = {r.cell: (r.status, r.detail if r.status == "unsupported" else "") for r in results}
+    want = {c.key: expected_status(family, c) for c in MATRIX_COLUMNS}
+    want = {k: (status, detail if status == "unsupported" else "") for k, (status, detail) in want.items()}
+    failures = {r.cell: r.detail for r in results if r.status == "fail" and want[r.cell][0] != "fail"}
+    assert got == want, failures
+
+
+def test_matrix_columns_and_rows_come_from_the_registry():
+    """Rows: the tiny families; columns: identity and every registered stage (FoPru per strategy, pruners at
+    keep_ratio 0.5, titles from the config class); compat.py names no family."""
+    from vlmkit.config import registered_configs
+
+    assert compat.matrix_families() == tiny_families()
+    columns = compat.matrix_columns()
+    keys = [c.key for c in columns]
+    assert keys[0] == "identity" and len(set(keys)) == len(keys)
+    assert {c.config_class for c in columns[1:]} == set(registered_configs())
+    assert {"fopru_rank", "fopru_row", "random", "v2pe", "mousi_position", "text4seg"} <= set(keys)
+    titles = {c.key: c.title for c in columns}
+    assert titles["fopru_rank"] == "FoPru rank" and titles["fopru_row"] == "FoPru row" and titles["v2pe"] == "V2PE"
+    for c in columns[1:]:
+        if c.config_class.pruner:
+            assert c.config.keep_ratio == 0.5 and c.config.num_keep is None, c
+    tree = ast.parse((ROOT / "vlmkit" / "compat.py").read_text())
+    literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not literals & set(supported_families())
+
+
+def test_example_pruner_is_a_matrix_column():
+    """Importing ``_pruner_example`` (one file, one ``@register_stage`` line) is all it takes for a column."""
+    columns = {c.key: c for c in compat.matrix_columns()}
+    assert columns["test_largest_norm"].title == "LargestNorm"
+    assert columns["test_largest_norm"].config == LargestNormConfig(keep_ratio=0.5)
+    assert "test_largest_norm" not in {c.key for c in compat.matrix_columns(compat.builtin_configs())}
 
 
 def test_matrix_markdown_marks_and_explains_unsupported_cells():
     results = [compat.CellResult("llava", "identity", "pass", ""),
                compat.CellResult("qwen2_5_vl", "identity", "pass", ""),
-               compat.CellResult("llava", "v2pe", "pass", ""),
-               compat.CellResult("qwen2_5_vl", "v2pe", "unsupported", "")]
+               compat.CellResult("llava", "v2pe", "pass", "", "V2PE"),
+               compat.CellResult("qwen2_5_vl", "v2pe", "unsupported", "lacks `rope_1d`: M-RoPE", "V2PE")]
     text = compat.to_markdown(results)
+    assert "| family | identity | V2PE |" in text
     assert "| qwen2_5_vl | ✅ | ❌ (1) |" in text
-    assert "1. " + KNOWN_LIMITS[("qwen2_5_vl", "v2pe")].reason in text
+    assert "1. lacks `rope_1d`: M-RoPE" in text
+
+
+def _expected_doc_table() -> str:
+    """The table ``scripts/compat_matrix.py`` writes, as ``expected_status`` (checked by test_matrix_row on real
+    runs) implies it, for the built-in stages."""
+    columns = compat.matrix_columns(compat.builtin_configs())
+    return compat.to_markdown([
+        compat.CellResult(f, c.key, *expected_status(f, c), c.title) for f in tiny_families() for c in columns
+    ]).rstrip("\n")
+
+
+def test_doc_shows_the_matrix_the_tests_establish():
+    assert _expected_doc_table() in (ROOT / "docs" / "compat_matrix.md").read_text(), \
+        "docs/compat_matrix.md: regenerate with python scripts/compat_matrix.py"
+
+
+def test_readme_shows_the_matrix_the_tests_establish():
+    assert _expected_doc_table() in (ROOT / "README.md").read_text(), \
+        "README.md: paste the table of docs/compat_matrix.md (python scripts/compat_matrix.py)"
 
 
 # --- unsupported checkpoints fail at wrap() with the list of families ---------------------------------
@@ -298,17 +371,3 @@ def test_qwen_mrope_positions_equal_get_rope_index_and_survive_pruning():
         text_new = ppos[1:, b][:, real & ~pruned.visual_mask[b]]
         text_old = ref[:, b][:, full.attention_mask[b].bool() & ~full.visual_mask[b]]
         assert torch.equal(text_new, text_old)
-
-
-def test_readme_and_doc_show_the_matrix_the_tests_establish():
-    """README and docs/compat_matrix.md carry the table implied by KNOWN_LIMITS, which test_matrix_row
-    checks against real runs (unsupported cells exactly those, each failing with its documented error)."""
-    from pathlib import Path
-
-    expected = compat.to_markdown([
-        compat.CellResult(f, c, "unsupported" if (f, c) in KNOWN_LIMITS else "pass", "")
-        for f in FAMILIES for c in CELLS
-    ]).rstrip("\n")
-    root = Path(__file__).resolve().parents[1]
-    for doc in ("README.md", "docs/compat_matrix.md"):
-        assert expected in (root / doc).read_text(), f"{doc}: regenerate with python scripts/compat_matrix.py"

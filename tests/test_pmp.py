@@ -9,7 +9,7 @@ import torch
 from conftest import make_batch
 
 import vlmkit
-from vlmkit.seg import pmp
+from vlmkit.seg import criterion, pmp
 from vlmkit.seg.pmp import PMPConfig, PMPDecoder, hungarian_match, set_criterion
 from vlmkit.testing import tiny_vlm
 
@@ -111,7 +111,7 @@ def test_hungarian_match_is_the_brute_force_optimum(monkeypatch):
     best = min(itertools.permutations(range(5), 3), key=lambda p: sum(cost[q, t] for t, q in enumerate(p)))
     assert qi.tolist() == list(best)
     # the greedy fallback (no scipy) agrees when the cheapest pairs do not compete
-    monkeypatch.setattr(pmp, "_linear_sum_assignment", lambda: None)
+    monkeypatch.setattr(criterion, "_linear_sum_assignment", lambda: None)
     easy = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.9, 0.9], [0.9, 0.9, 0.3], [0.5, 0.5, 0.5]])
     assert [t.tolist() for t in hungarian_match(easy)] == [[1, 0, 2], [0, 1, 2]]
 

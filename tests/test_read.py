@@ -274,8 +274,9 @@ def test_segment_gives_one_mask_per_generated_seg_at_original_size():
     images = [shapes_images(1)[0], wide]
     prompts = [image_prompt(proc, QUESTION)] * 2
     rows = [["[SEG]", ".", "[SEG]"], ["sure", "."]]
-    masks, texts = wrapped.segment(images, prompts, processor=proc, return_text=True, max_new_tokens=6,
-                                   logits_processor=forced(proc, rows))
+    preds = vlmkit.Predictor(wrapped, proc, prompt_style="raw").segment(images, prompts, max_new_tokens=6,
+                                                                        logits_processor=forced(proc, rows))
+    masks, texts = [p.masks for p in preds], [p.text for p in preds]
     assert texts == ["[SEG] . [SEG]", "sure ."]
     assert masks[0].dtype == torch.bool and masks[0].shape == (2, 64, 64)
     assert masks[1].shape == (0, 48, 80)  # no [SEG]: no mask
@@ -284,8 +285,8 @@ def test_segment_gives_one_mask_per_generated_seg_at_original_size():
     ref = teacher_forced_logits(wrapped, proc, images, ["[SEG] . [SEG]", "sure ."])
     assert torch.equal(ref[0] > 0, masks[0]) and ref[1].shape == (0, 48, 80)
     # batch of one == batch of two
-    alone = wrapped.segment(images[:1], prompts[:1], processor=proc, max_new_tokens=6,
-                            logits_processor=forced(proc, rows[:1]))
+    alone = [p.masks for p in vlmkit.Predictor(wrapped, proc, prompt_style="raw").segment(
+        images[:1], prompts[:1], max_new_tokens=6, logits_processor=forced(proc, rows[:1]))]
     assert torch.equal(alone[0], masks[0])
 
 
@@ -302,7 +303,7 @@ def test_errors_name_what_is_missing():
     with pytest.raises(ValueError, match=r"n_seg=1"):
         wrapped(**inputs, sam_images=images, masks=[torch.zeros(2, 64, 64)])
     with pytest.raises(ValueError, match="processor"):
-        wrapped.segment(images, [QUESTION])
+        vlmkit.Predictor(wrapped, None, prompt_style="raw").segment(images, [QUESTION])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,8 +434,9 @@ def test_shapes_refseg_task_runs_through_the_runner_with_a_read_head(tmp_path, d
     task = get_task("shapes_refseg_read")
     doc = load_docs(task, data_root)[0]
     image = load_image(doc)
-    (masks,) = wrapped.segment([image], [image_prompt(proc, render_prompt(task, doc))], processor=proc,
-                               max_new_tokens=2)
+    (pred,) = vlmkit.Predictor(wrapped, proc, prompt_style="raw").segment(
+        [image], [image_prompt(proc, render_prompt(task, doc))], max_new_tokens=2)
+    masks = pred.masks
     inter, union, _ = intersection_and_union(masks[0].numpy().astype(np.int64), load_mask(doc["mask"]), 2, 255)
     assert lines[0]["scores"]["intersection"] == int(inter[1]) and lines[0]["scores"]["union"] == int(union[1])
     assert lines[0]["parsed"]["fg_pixels"] == int(masks[0].sum())
@@ -453,7 +455,8 @@ def test_save_load_round_trip_keeps_masks(tmp_path):
     images = shapes_images(2, seed=7)
     prompts = [image_prompt(proc, QUESTION)] * 2
     rows = [["[SEG]", ".", "[SEG]"], ["sure", ",", "[SEG]"]]
-    masks = wrapped.segment(images, prompts, processor=proc, max_new_tokens=5, logits_processor=forced(proc, rows))
+    masks = [p.masks for p in vlmkit.Predictor(wrapped, proc, prompt_style="raw").segment(
+        images, prompts, max_new_tokens=5, logits_processor=forced(proc, rows))]
     logits = teacher_forced_logits(wrapped, proc, images, ["[SEG] . [SEG]", "sure , [SEG]"])
     wrapped.save_pretrained(tmp_path / "saved")
 
@@ -465,7 +468,8 @@ def test_save_load_round_trip_keeps_masks(tmp_path):
 
     model2, proc2 = tiny_vlm("llava", seed=0)
     loaded = vlmkit.load(model2, tmp_path / "saved", tokenizer=proc2.tokenizer)
-    masks2 = loaded.segment(images, prompts, processor=proc2, max_new_tokens=5, logits_processor=forced(proc2, rows))
+    masks2 = [p.masks for p in vlmkit.Predictor(loaded, proc2, prompt_style="raw").segment(
+        images, prompts, max_new_tokens=5, logits_processor=forced(proc2, rows))]
     assert all(torch.equal(a, b) for a, b in zip(masks, masks2))
     logits2 = teacher_forced_logits(loaded, proc2, images, ["[SEG] . [SEG]", "sure , [SEG]"])
     assert all(torch.equal(a, b) for a, b in zip(logits, logits2))
@@ -492,8 +496,9 @@ def test_internvl_family():
     wrapped = vlmkit.wrap(model, READConfig(sam="tiny", grid_view="full", down_sample=1), tokenizer=proc.tokenizer)
     images = shapes_images(2)
     prompts = [image_prompt(proc, QUESTION)] * 2
-    masks, texts = wrapped.segment(images, prompts, processor=proc, return_text=True, max_new_tokens=4,
-                                   logits_processor=forced(proc, [["[SEG]"], ["no", "."]]))
+    preds = vlmkit.Predictor(wrapped, proc, prompt_style="raw").segment(
+        images, prompts, max_new_tokens=4, logits_processor=forced(proc, [["[SEG]"], ["no", "."]]))
+    masks, texts = [p.masks for p in preds], [p.text for p in preds]
     assert texts == ["[SEG]", "no ."] and masks[0].shape == (1, 64, 64) and masks[1].shape == (0, 64, 64)
     ref = teacher_forced_logits(wrapped, proc, images, ["[SEG]", "no ."])
     assert torch.equal(ref[0] > 0, masks[0])

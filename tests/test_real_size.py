@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import vlmkit
-from vlmkit.compat import KNOWN_LIMITS
 from vlmkit.compress.fopru import FoPruConfig
 from vlmkit.compress.random import RandomPruneConfig
 from vlmkit.position.v2pe import V2PEConfig
@@ -72,15 +72,12 @@ def prompt(ph: int, runs: list[int], extra: list[int] | None = None) -> torch.Te
     return torch.tensor([ids + (extra or [15, 16])])
 
 
-def run_fopru(wrapped, tokens, limit_key):
-    """FoPru's compress on CPU scores of the recorded shape; a known limit must raise its error instead."""
+def run_fopru(wrapped, tokens):
+    """FoPru's compress on CPU scores of the recorded shape (families that lack a capability FoPru requires
+    are refused at wrap(), see the Qwen2.5-VL test)."""
     fopru = wrapped.stages_of("compressor")[0]
     with fopru.vision_context(wrapped.family):
         fopru._records[:] = [torch.rand(shape) for shape in tokens.records]
-        if limit_key in KNOWN_LIMITS:
-            with pytest.raises(ValueError, match=KNOWN_LIMITS[limit_key].match):
-                fopru.compress(on_cpu(tokens))
-            return on_cpu(tokens)
         return fopru.compress(on_cpu(tokens))
 
 
@@ -115,7 +112,7 @@ def test_llava_1_5_real_size():
     assert [t.num_uncompressed for t in tokens] == [576, 576]
     assert tokens.records == [torch.Size([2, 576])]
     assert tokens[0].embeds.shape == (576, 4096)
-    kept = run_fopru(wrapped, tokens, ("llava", "fopru_rank"))
+    kept = run_fopru(wrapped, tokens)
     assert [t.num_tokens for t in kept] == [144, 144]
     batch = decoder_forward(wrapped, prompt(32000, [576, 576]), kept)
     assert batch.visual_tokens_per_sample == [288]
@@ -146,7 +143,7 @@ def test_anyres_real_size(name, family, image, tiles, count, blocks):
     assert tokens.records == [torch.Size([tiles, per_tile])]  # the hook saw every tile at full size
     rows = blocks[1][1][0]  # one newline per stitched row: kept, not counted in the budget
     want = rows + math.floor((count - rows) * KEEP)
-    kept = run_fopru(wrapped, tokens, (family, "fopru_rank"))
+    kept = run_fopru(wrapped, tokens)
     assert [t.num_tokens for t in kept] == [want]
     assert int((kept[0].source == -1).sum()) == rows
     batch = decoder_forward(wrapped, prompt(model.config.image_token_id, [count]), kept)
@@ -168,7 +165,7 @@ def test_internvl3_real_size():
     tokens = encode_with_hook(wrapped, torch.empty(2, 3, 448, 448, device="meta"), ids)
     assert [t.num_uncompressed for t in tokens] == [512]
     assert tokens.records == [torch.Size([2, 256])]
-    kept = run_fopru(wrapped, tokens, ("internvl", "fopru_rank"))
+    kept = run_fopru(wrapped, tokens)
     assert [t.num_tokens for t in kept] == [128]
     decoder_forward(wrapped, ids, kept)
 
@@ -202,7 +199,7 @@ def test_smolvlm_real_size():
     assert feats.shape == (5, 64, 576) and shapes == [torch.Size([5, 64])]
     tokens = Encoded([VisualTokens.full(feats.reshape(-1, 576), fam.grid, frames=5)])
     tokens.records = shapes
-    kept = run_fopru(wrapped, tokens, ("smolvlm", "fopru_rank"))
+    kept = run_fopru(wrapped, tokens)
     assert [t.num_tokens for t in kept] == [80]
     decoder_forward(wrapped, ids, kept)
 
@@ -210,8 +207,10 @@ def test_smolvlm_real_size():
 def test_qwen2_5_vl_real_size_refuses_fopru_and_1d_positions():
     model = build_meta("Qwen2.5-VL-3B-Instruct.json")
     assert model.config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
-    for cell, config in (("fopru_rank", FoPruConfig(keep_ratio=KEEP)), ("v2pe", V2PEConfig(stride=64))):
-        with pytest.raises(ValueError, match=KNOWN_LIMITS[("qwen2_5_vl", cell)].match):
+    lacks = vlmkit.families.family_for(model).lacks
+    for capability, config in (("patch_grid", FoPruConfig(keep_ratio=KEEP)), ("rope_1d", V2PEConfig(stride=64))):
+        assert capability in config.requires
+        with pytest.raises(ValueError, match=re.escape(lacks[capability])):
             vlmkit.wrap(model, config)
 
 

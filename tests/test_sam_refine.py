@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vlmkit.seg.sam import load_sam, make_predictor, mask_prior, refine_with_sam, sam_refine, sample_points, tiny_sam
-from vlmkit.seg.text4seg import Text4Seg, Text4SegConfig, encode_rrle, grid_to_mask, wrap_answer
+from vlmkit.seg.rrle import encode_rrle, grid_to_mask, wrap_answer
+from vlmkit.seg.text4seg import Text4Seg, Text4SegConfig
 
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import vlmkit
 from vlmkit.vision import seed as S
 from vlmkit.vision.seed import (
     SEED, CausalQFormer, SEEDConfig, SeedImageLogitsProcessor, SeedTokenIds, SeedTokenizer, VectorQuantizer,
@@ -444,7 +445,8 @@ def test_wrapped_model_reads_and_generates_seed_tokens(family):
 
     # generation after a text prompt: exactly 32 valid codes per prompt
     wrapped.zero_grad()
-    gen = wrapped.generate_image_tokens([PROMPT, "user : a red circle"])
+    predictor = vlmkit.Predictor(wrapped, proc)
+    gen = predictor.generate_image_tokens([PROMPT, "user : a red circle"])
     assert gen.shape == (2, 32) and int(gen.min()) >= 0 and int(gen.max()) < 64
     assert stage.decode(gen).shape == (2, stage.visual_tokenizer.config.image_embed_dim)
     # independent: greedy decoding by hand, argmax over the image-token logits only
@@ -457,11 +459,11 @@ def test_wrapped_model_reads_and_generates_seed_tokens(family):
             manual.append(int(logits.argmax()))
             seq = torch.cat([seq, torch.tensor([[n + manual[-1]]])], dim=1)
     assert gen[0].tolist() == manual
-    assert wrapped.generate_image_tokens(prompt)[0].tolist() == manual  # ids prompt, BOI appended
+    assert predictor.generate_image_tokens(prompt)[0].tolist() == manual  # ids prompt, BOI appended
     # a prompt with the model's own image: generate runs from inputs_embeds, still only image tokens
     batch = proc(images=images, text=[image_prompt(proc, "draw it")], return_tensors="pt")
-    gen = wrapped.generate_image_tokens(batch["input_ids"], batch["attention_mask"],
-                                        pixel_values=batch["pixel_values"])
+    gen = predictor.generate_image_tokens(batch["input_ids"], batch["attention_mask"],
+                                          pixel_values=batch["pixel_values"])
     assert gen.shape == (1, 32) and int(gen.min()) >= 0 and int(gen.max()) < 64
 
 
@@ -551,5 +553,5 @@ def test_lora_with_trainable_new_embeddings(variant):
     if variant == "trainable_token_indices":  # only the new rows move
         torch.testing.assert_close(e1[:n], E0[:n], rtol=0, atol=0)
         torch.testing.assert_close(h1[:n], h0[:n])
-    gen = peft_model.generate_image_tokens(PROMPT)
+    gen = vlmkit.Predictor(peft_model, proc).generate_image_tokens(PROMPT)
     assert gen.shape == (1, 32) and int(gen.max()) < 64

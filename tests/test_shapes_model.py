@@ -98,7 +98,7 @@ def test_batch_labels_only_answers_and_patch_targets():
 
 @pytest.mark.parametrize("refseg_turns", [1, 2])
 def test_row_slots_point_at_row_openers_with_the_mask_rows(refseg_turns):
-    from vlmkit.seg.text4seg import mask_to_labels
+    from vlmkit.seg.rrle import mask_to_labels
 
     _, processor = build_model()
     tok = processor.tokenizer

@@ -14,12 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vlmkit.seg import text4seg as T
-from vlmkit.seg.text4seg import (
-    BACKGROUND, DecodedGrid, Text4Seg, Text4SegConfig, decode, decode_answer, decode_descriptors, decode_irle,
-    decode_rrle, downsample_mask, encode, encode_descriptors, encode_irle, encode_rrle, extract_seg,
-    grid_to_mask, label_ids, labels_to_mask, mask_to_labels, wrap_answer,
+from vlmkit.seg import rrle as T
+from vlmkit.seg.rrle import (
+    BACKGROUND, DecodedGrid, decode, decode_answer, decode_descriptors, decode_irle, decode_rrle, downsample_mask,
+    encode, encode_descriptors, encode_irle, encode_rrle, extract_seg, grid_to_mask, label_ids, labels_to_mask,
+    mask_to_labels, wrap_answer,
 )
+from vlmkit.seg.text4seg import Text4Seg, Text4SegConfig
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -539,7 +540,7 @@ def test_wrap_with_head_and_save(tmp_path):
     (head,) = wrapped.stages_of("head")
     assert isinstance(head, Text4Seg) and head.config.grid == 24
     answer = wrap_answer("ok", encode_rrle(np.array([["others"] * 24] * 23 + [["x"] * 24])))
-    (result,) = wrapped.masks_from_text([answer], image_sizes=[(48, 48)])
+    (result,) = head.masks_from_text([answer], image_sizes=[(48, 48)])
     assert result.mask.shape == (48, 48) and result.mask[46:].all() and not result.mask[:46].any()
     wrapped.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "vlmkit.json").read_text())["stages"]

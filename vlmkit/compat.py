@@ -1,89 +1,111 @@
-"""Compatibility matrix: every model family × the stages that should work with it, run on tiny models.
+"""Compatibility matrix: every tiny model family × every registered stage, run on tiny models.
 
-``run_matrix()`` builds each family's tiny model (``vlmkit.testing.tiny_vlm``), a padded batch of two
-samples (one image; two images of other sizes, so AnyRes grids differ and get unpadded) and, per cell,
-wraps the model and checks facts that do not come from the code under test:
+Rows are the families ``vlmkit.testing.tiny_families()`` can build; columns are ``identity`` and every stage
+the registry knows (``vlmkit.config.registered_configs()``, grouped by role), so a stage's
+``@register_stage`` line is all it takes to get a column. A stage gives one column per entry of its
+``variants()`` (default: one, its ``example()``; FoPru: ``rank`` and ``row``), titled by its display
+name (``StageConfig.title()``: ``display_name``, default the config class name without ``Config``).
+
+``run_matrix()`` builds each family's tiny model (``vlmkit.testing.tiny_vlm``; a fresh one for stages that
+add tokens, as ``wrap`` grows the vocabulary for good), a padded batch of two samples (one image; two images
+of other sizes, so AnyRes grids differ and get unpadded; stages that take one image per sample get one image
+of a different size each) and, per cell, wraps the model and checks facts that do not come from the stage:
 
 - ``forward(labels=...)`` on the right-padded batch gives a finite loss, and every sample's logits equal
   the logits of that sample run alone (batch-N == batch-1, atol 1e-4);
 - ``generate`` on the left-padded batch returns the caller's prompt followed by new tokens, and every
   sample's new tokens equal those generated for it alone;
-- identity: logits and ``generate`` are bit-exact against the unwrapped model;
-- pruning (FoPru rank/row, random, keep_ratio 0.5): each image keeps all its image-newline tokens
-  (LLaVA-NeXT / OneVision: the rows of the model's own ``get_image_features`` output equal to
-  ``model.model.image_newline``) plus ``max(1, floor(G / 2))`` of its G other (grid) tokens;
-- Text4Seg: generated answers parse into a mask of the image's size.
+- identity: logits, loss and ``generate`` are bit-exact against the unwrapped model;
+- pruners (``StageConfig.pruner``, keep_ratio 0.5 from ``example()``): each image keeps all its image-newline
+  tokens plus ``num_to_keep(G)`` = ``max(1, floor(G / 2))`` of its G other (grid) tokens, counted on the
+  family's uncompressed tokens;
+- heads whose masks are text (``TextMaskHead``): the generated answers parse into masks of the image's size.
 
-A cell that cannot work lists its reason in ``KNOWN_LIMITS``; it counts as *unsupported* only if it
-fails with that error (``match``), and as *stale* if it suddenly passes (the limit was lifted: update
-the table). ``scripts/compat_matrix.py`` writes the result as ``docs/compat_matrix.md``.
+A cell is *unsupported* when the family lacks a capability the stage ``requires``: the cell then checks that
+``wrap()`` refuses, and the family's ``lacks`` text is the reason. ``scripts/compat_matrix.py`` writes the
+result as ``docs/compat_matrix.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import traceback
-from typing import Callable
 
 import torch
 
-FAMILIES = ("llava", "internvl", "llava_next", "llava_onevision", "smolvlm", "idefics3", "qwen2_5_vl")
-CELLS = ("identity", "fopru_rank", "fopru_row", "random", "v2pe", "mousi", "text4seg")
-CELL_TITLES = {
-    "identity": "identity", "fopru_rank": "FoPru rank", "fopru_row": "FoPru row", "random": "random baseline",
-    "v2pe": "V2PE", "mousi": "MouSi positions", "text4seg": "Text4Seg parsing",
-}
-KEEP_RATIO = 0.5
 QUESTIONS = ("what is the image ?", "how many shapes are there ?")
+SAMPLES = [[0], [1, 2]]  # sample k: images (indices into sample_images) with question QUESTIONS[k]
+ONE_IMAGE_SAMPLES = [[0], [2]]  # for stages that take one image per sample: still two sizes
+BATCH = [0, 1]
 
 
+# --- columns ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Limit:
-    """Why a cell does not work, the error text that shows it (``match``) and what would lift it."""
+class Column:
+    """One matrix column: ``key`` (``fopru_rank``), ``title`` (``FoPru rank``), the stage's config class and
+    the config it runs (both None for ``identity``)."""
 
-    reason: str
-    match: str
-    fix: str = ""
+    key: str
+    title: str
+    config_class: type | None = None
+    config: object = None
 
-
-_QWEN_FOPRU = Limit(
-    reason="Qwen2.5-VL has dynamic resolution and windowed vision attention with a fused qkv: no fixed tile grid "
-           "for FoPru's per-tile attention scores (wrap() refuses)", match="no fixed tile size")
-_QWEN_POSITIONS = Limit(
-    reason="position schemes remap 1-D positions; Qwen's decoder uses 3-D M-RoPE positions (wrap() refuses; "
-           "families/qwen2_5_vl.py documents what each scheme would mean under M-RoPE)",
-    match="position schemes need 1-D RoPE")
-KNOWN_LIMITS: dict[tuple[str, str], Limit] = {
-    ("qwen2_5_vl", "fopru_rank"): _QWEN_FOPRU,
-    ("qwen2_5_vl", "fopru_row"): _QWEN_FOPRU,
-    ("qwen2_5_vl", "v2pe"): _QWEN_POSITIONS,
-    ("qwen2_5_vl", "mousi"): _QWEN_POSITIONS,
-}
+    @property
+    def configs(self) -> list:
+        return [] if self.config is None else [self.config]
 
 
-def cell_configs(cell: str) -> list:
-    """The stage configs of one matrix column."""
-    from .compress.fopru import FoPruConfig
-    from .compress.random import RandomPruneConfig
-    from .position.mousi import MouSiPositionConfig
-    from .position.v2pe import V2PEConfig
-    from .seg.text4seg import Text4SegConfig
-
-    factories: dict[str, Callable[[], list]] = {
-        "identity": lambda: [],
-        "fopru_rank": lambda: [FoPruConfig(keep_ratio=KEEP_RATIO, strategy="rank")],
-        "fopru_row": lambda: [FoPruConfig(keep_ratio=KEEP_RATIO, strategy="row")],
-        "random": lambda: [RandomPruneConfig(keep_ratio=KEEP_RATIO, seed=0)],
-        "v2pe": lambda: [V2PEConfig(stride=8)],
-        "mousi": lambda: [MouSiPositionConfig(mode="row")],
-        "text4seg": lambda: [Text4SegConfig(grid=4)],
-    }
-    if cell not in factories:
-        raise ValueError(f"unknown matrix cell {cell!r}; known: {list(CELLS)}")
-    return factories[cell]()
+IDENTITY = Column("identity", "identity")
 
 
+def matrix_columns(config_classes=None) -> list[Column]:
+    """``identity``, then every stage's ``variants()`` (stages in role order, then by type).
+
+    ``config_classes``: the stages to show (default: every registered stage)."""
+    from .config import registered_configs
+    from .stage import ROLES
+
+    classes = registered_configs() if config_classes is None else list(config_classes)
+    classes = sorted(classes, key=lambda c: (ROLES.index(c.role) if c.role in ROLES else len(ROLES), c.type))
+    columns = [IDENTITY]
+    for cls in classes:
+        for label, config in cls.variants().items():
+            key = f"{cls.type}_{label}" if label else cls.type
+            title = f"{cls.title()} {label}" if label else cls.title()
+            columns.append(Column(key, title, cls, config))
+    return columns
+
+
+def builtin_configs() -> list:
+    """The registered stages that ship with vlmkit (what ``scripts/compat_matrix.py`` shows)."""
+    from .config import registered_configs
+
+    return [c for c in registered_configs() if c.__module__.split(".")[0] == "vlmkit"]
+
+
+def matrix_families() -> list[str]:
+    """The matrix rows: every family ``vlmkit.testing.tiny_vlm`` builds."""
+    from .testing import tiny_families
+
+    return tiny_families()
+
+
+def missing_capabilities(family, column: Column) -> list[str]:
+    """The capabilities the column's stage requires and the family adapter lacks."""
+    if column.config_class is None:
+        return []
+    return [c for c in column.config_class.requires if c not in family.capabilities]
+
+
+def unsupported_reason(family, capability: str) -> str:
+    """Why ``family`` lacks ``capability``: its ``lacks`` text, with what the capability is."""
+    from .families.base import CAPABILITIES
+
+    why = family.lacks.get(capability, "does not provide it")
+    return f"lacks `{capability}`, {CAPABILITIES.get(capability, capability)}: the family {why}"
+
+
+# --- batches ---------------------------------------------------------------------------------------------
 def sample_images(seed: int = 0):
     """Three random RGB images of different sizes (32×32, 32×56, 60×30; H×W)."""
     import numpy as np
@@ -93,19 +115,24 @@ def sample_images(seed: int = 0):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (32, 56), (60, 30))]
 
 
-def make_batch(processor, samples: list[int], padding_side: str, seed: int = 0) -> dict:
-    """Processor output for the samples numbered ``samples`` (indices into ``SAMPLES`` and ``QUESTIONS``)."""
+def make_batch(processor, samples: list[int], padding_side: str, seed: int = 0, layout=None) -> dict:
+    """Processor output for the samples numbered ``samples`` (indices into ``layout``, default ``SAMPLES``:
+    sample k holds images ``layout[k]`` of ``sample_images`` and asks ``QUESTIONS[k]``)."""
     from .testing import image_prompt
 
+    layout = SAMPLES if layout is None else layout
     images = sample_images(seed)
-    nested = [[images[i] for i in SAMPLES[k]] for k in samples]
-    prompts = [image_prompt(processor, QUESTIONS[k], len(SAMPLES[k])) for k in samples]
+    nested = [[images[i] for i in layout[k]] for k in samples]
+    prompts = [image_prompt(processor, QUESTIONS[k], len(layout[k])) for k in samples]
     processor.tokenizer.padding_side = padding_side
     return dict(processor(images=nested, text=prompts, return_tensors="pt", padding=True))
 
 
-SAMPLES = [[0], [1, 2]]  # sample k: images (indices into sample_images) with question QUESTIONS[k]
-BATCH = [0, 1]
+def sample_layout(column: Column) -> list[list[int]]:
+    """The images of each sample for a column: ``SAMPLES``, or one image each for one-image stages."""
+    if column.config_class is not None and column.config_class.images_per_sample == 1:
+        return ONE_IMAGE_SAMPLES
+    return SAMPLES
 
 
 def _labels(batch: dict, placeholder_id: int) -> torch.Tensor:
@@ -119,139 +146,171 @@ def _image_kwargs(wrapped, batch: dict) -> dict:
     return {k: batch[k] for k in wrapped.family.image_kwarg_names if k in batch}
 
 
-def _newline_counts(model, batch: dict, image_kwarg_names, kept_embeds: list[torch.Tensor]):
-    """Image-newline tokens per image, uncompressed and among ``kept_embeds``: ``([n], [n_kept])``, or None for
-    models without ``model.model.image_newline``. Counted on the model's own ``get_image_features`` output
-    (rows equal to the learned newline embedding), independently of vlmkit's layout."""
-    newline = getattr(getattr(model, "model", None), "image_newline", None)
-    if newline is None:
-        return None
-    kwargs = {k: batch[k] for k in image_kwarg_names if k in batch}
-    with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], **kwargs).pooler_output
-    counts = [[int((x == newline.to(x)).all(-1).sum()) for x in group] for group in (feats, kept_embeds)]
-    return counts[0], counts[1]
-
-
-def check_cell(model, processor, cell: str, max_new_tokens: int = 3) -> str:
-    """Run one cell; return a short note on what was checked. Raises on any failure."""
+def _check_budget(model, wrapped, config, batch: dict, layout) -> str:
+    """Each image keeps every newline token and ``num_to_keep(G)`` of its G grid tokens (G and the newlines
+    counted on the family's uncompressed tokens of the same batch)."""
     import vlmkit
 
-    configs = cell_configs(cell)
-    wrapped = vlmkit.wrap(model, *configs)
+    identity = vlmkit.wrap(model)
+    try:
+        full = identity.encode_visual(batch["pixel_values"], batch["input_ids"], **_image_kwargs(identity, batch))
+    finally:
+        vlmkit.unwrap(identity)
+    tokens = wrapped.encode_visual(batch["pixel_values"], batch["input_ids"], **_image_kwargs(wrapped, batch))
+    grid = [int(t.grid_positions().numel()) for t in full]
+    newlines = [t.num_tokens - g for t, g in zip(full, grid)]
+    kept = [t.num_tokens for t in tokens]
+    kept_newlines = [int(t.is_newline.sum()) for t in tokens]
+    want = [config.num_to_keep(g) + n for g, n in zip(grid, newlines)]
+    if kept != want or kept_newlines != newlines:
+        raise AssertionError(f"kept {kept} visual tokens ({kept_newlines} newlines) of {[t.num_tokens for t in full]} "
+                             f"({newlines} newlines), expected {want} (every newline and num_to_keep(G) grid tokens)")
+    assembled = wrapped.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                 **_image_kwargs(wrapped, batch))
+    per_sample, start = [], 0
+    for images in layout:
+        per_sample.append(sum(want[start:start + len(images)]))
+        start += len(images)
+    if assembled.visual_tokens_per_sample != per_sample:
+        raise AssertionError(f"assembled batch holds {assembled.visual_tokens_per_sample} visual tokens, "
+                             f"expected {per_sample}")
+    return f"{sum(kept)}/{sum(t.num_tokens for t in full)} tokens"
+
+
+def check_cell(model, processor, column: Column, max_new_tokens: int = 3) -> str:
+    """Run one supported cell; return a short note on what was checked. Raises on any failure."""
+    import vlmkit
+
+    wrapped = vlmkit.wrap(model, *column.configs, tokenizer=processor.tokenizer)
     ph = wrapped.family.placeholder_id
+    layout = sample_layout(column)
+    identity = column.config is None
     try:
         notes = []
         # forward(labels) on a right-padded batch; each sample alone must give the same logits.
-        batch = make_batch(processor, BATCH, "right")
+        batch = make_batch(processor, BATCH, "right", layout=layout)
         with torch.no_grad():
             out = wrapped(**batch, labels=_labels(batch, ph))
         if out.loss is None or not torch.isfinite(out.loss):
             raise AssertionError(f"forward(labels) gave loss {out.loss}")
-        if cell == "identity":
+        if identity:
             with torch.no_grad():
                 ref = model(**batch, labels=_labels(batch, ph))
             if not torch.equal(out.logits, ref.logits) or not torch.equal(out.loss, ref.loss):
                 raise AssertionError("identity forward is not bit-exact against the unwrapped model")
             notes.append("bit-exact")
-        assembled = wrapped.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                     **_image_kwargs(wrapped, batch))
         for b in BATCH:
-            alone = make_batch(processor, [b], "right")
+            alone = make_batch(processor, [b], "right", layout=layout)
             with torch.no_grad():
                 one = wrapped(**alone, labels=_labels(alone, ph))
             n = int(one.logits.shape[1])
             if not torch.allclose(out.logits[b, :n], one.logits[0], atol=1e-4, rtol=1e-4):
                 diff = (out.logits[b, :n] - one.logits[0]).abs().max()
                 raise AssertionError(f"sample {b}: padded-batch logits differ from batch-1 by {float(diff):.2e}")
-        if cell in ("fopru_rank", "fopru_row", "random"):
-            tokens = wrapped.encode_visual(batch["pixel_values"], batch["input_ids"], **_image_kwargs(wrapped, batch))
-            full = [t.num_uncompressed for t in tokens]
-            kept = [t.num_tokens for t in tokens]
-            newlines = _newline_counts(model, batch, wrapped.family.image_kwarg_names, [t.embeds for t in tokens])
-            n_all, n_kept = newlines or ([0] * len(full), [0] * len(full))
-            want = [nl + max(1, math.floor((n - nl) * KEEP_RATIO + 1e-9)) for n, nl in zip(full, n_all)]
-            if kept != want or n_kept != n_all:
-                raise AssertionError(f"kept {kept} visual tokens ({n_kept} newlines) of {full} ({n_all} newlines), "
-                                     f"expected {want} (every newline and half the grid tokens)")
-            per_sample = [sum(want[: len(SAMPLES[0])]), sum(want[len(SAMPLES[0]):])]
-            if assembled.visual_tokens_per_sample != per_sample:
-                raise AssertionError(f"assembled batch holds {assembled.visual_tokens_per_sample} visual tokens, "
-                                     f"expected {per_sample}")
-            notes.append(f"{sum(kept)}/{sum(full)} tokens")
+        if column.config_class is not None and column.config_class.pruner:
+            notes.append(_check_budget(model, wrapped, column.config, batch, layout))
         # generate on a left-padded batch: prompt kept, new tokens equal batch-1 generation.
-        batch = make_batch(processor, BATCH, "left")
+        batch = make_batch(processor, BATCH, "left", layout=layout)
         gen = wrapped.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         S = batch["input_ids"].shape[1]
         if gen.shape[0] != len(BATCH) or not torch.equal(gen[:, :S], batch["input_ids"]) or gen.shape[1] <= S:
             raise AssertionError(f"generate returned shape {tuple(gen.shape)} without the prompt {tuple(batch['input_ids'].shape)}")
-        if cell == "identity":
+        if identity:
             ref = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
             if not torch.equal(gen, ref):
                 raise AssertionError("identity generate differs from the unwrapped model")
         for b in BATCH:
-            alone = make_batch(processor, [b], "left")
+            alone = make_batch(processor, [b], "left", layout=layout)
             one = wrapped.generate(**alone, max_new_tokens=max_new_tokens, do_sample=False)
             if not torch.equal(gen[b, S:S + one.shape[1] - alone["input_ids"].shape[1]], one[0, alone["input_ids"].shape[1]:]):
                 raise AssertionError(f"sample {b}: generated tokens differ between the padded batch and batch-1")
-        if cell == "text4seg":
-            texts = processor.tokenizer.batch_decode(gen[:, S:], skip_special_tokens=True)
-            sizes = [(32, 32), (32, 56)]
-            results = wrapped.masks_from_text(texts, image_sizes=sizes)
-            if [tuple(r.mask.shape) for r in results] != sizes:
-                raise AssertionError(f"Text4Seg masks {[r.mask.shape for r in results]} for image sizes {sizes}")
-            notes.append("masks parsed")
+        for head in wrapped.stages_of("head"):
+            if head.mask_output == "text":
+                texts = processor.tokenizer.batch_decode(gen[:, S:], skip_special_tokens=True)
+                images = sample_images()
+                sizes = [images[layout[b][0]].size[::-1] for b in BATCH]  # (H, W) of each sample's first image
+                results = head.masks_from_text(texts, image_sizes=sizes)
+                if [tuple(r.mask.shape) for r in results] != sizes:
+                    raise AssertionError(f"{column.title} masks {[r.mask.shape for r in results]} for image sizes {sizes}")
+                notes.append("masks parsed")
         return ", ".join(notes) or "ok"
     finally:
         vlmkit.unwrap(wrapped)
 
 
+def check_refused(model, processor, column: Column, missing: list[str]) -> None:
+    """``wrap()`` must refuse an unsupported cell with a ValueError naming the stage and a missing capability."""
+    import vlmkit
+
+    try:
+        wrapped = vlmkit.wrap(model, *column.configs, tokenizer=processor.tokenizer)
+    except ValueError as err:
+        text = str(err)
+        if repr(column.config_class.type) not in text or not any(repr(m) in text for m in missing):
+            raise AssertionError(f"wrap() refused, but without naming {column.config_class.type!r} and one of "
+                                 f"{missing}: {text}") from err
+        return
+    vlmkit.unwrap(wrapped)
+    raise AssertionError(f"wrap() accepted {column.config_class.type!r} although the family lacks {missing}")
+
+
 @dataclasses.dataclass
 class CellResult:
     family: str
-    cell: str
-    status: str  # "pass" | "unsupported" | "fail" | "stale"
-    detail: str
+    cell: str  # the column key
+    status: str  # "pass" | "unsupported" | "fail"
+    detail: str  # pass: what was checked; unsupported: the reason (the family's lacks text); fail: the error
+    title: str = ""  # the column title (default: the key)
 
 
-def run_cell(family: str, cell: str, model, processor, limits: dict | None = None) -> CellResult:
-    """``check_cell`` classified against ``limits`` (default ``KNOWN_LIMITS``)."""
-    limits = KNOWN_LIMITS if limits is None else limits
-    limit = limits.get((family, cell))
+def run_cell(family: str, column: Column, model, processor) -> CellResult:
+    """One cell: unsupported (the family lacks a required capability and ``wrap()`` refuses), pass or fail."""
+    from .families import family_for
+
+    title = column.title
     try:
-        note = check_cell(model, processor, cell)
+        adapter = family_for(model)
+        missing = missing_capabilities(adapter, column)
+        if missing:
+            check_refused(model, processor, column, missing)
+            reason = "; ".join(unsupported_reason(adapter, m) for m in missing)
+            return CellResult(family, column.key, "unsupported", reason, title)
+        note = check_cell(model, processor, column)
     except Exception as err:  # noqa: BLE001 - every failure is classified and reported
         text = f"{type(err).__name__}: {err}"
-        if limit is not None and limit.match in str(err):
-            return CellResult(family, cell, "unsupported", limit.reason)
-        return CellResult(family, cell, "fail", text + "\n" + traceback.format_exc(limit=-3))
-    if limit is not None:
-        return CellResult(family, cell, "stale", f"passes ({note}) but KNOWN_LIMITS says: {limit.reason}")
-    return CellResult(family, cell, "pass", note)
+        return CellResult(family, column.key, "fail", text + "\n" + traceback.format_exc(limit=-3), title)
+    return CellResult(family, column.key, "pass", note, title)
 
 
-def run_matrix(families=FAMILIES, cells=CELLS, limits: dict | None = None, seed: int = 0) -> list[CellResult]:
-    """Every (family, cell) result, families in order; one tiny model per family."""
+def run_matrix(families=None, columns=None, seed: int = 0) -> list[CellResult]:
+    """Every (family, column) result, families in order. One tiny model per family, built again for each
+    column whose stage adds tokens (``wrap`` grows the tokenizer and the embeddings for good)."""
     from .testing import tiny_vlm
 
+    families = matrix_families() if families is None else list(families)
+    columns = matrix_columns() if columns is None else list(columns)
     torch.manual_seed(seed)
     results = []
     for family in families:
-        model, processor = tiny_vlm(family, seed=seed)
-        for cell in cells:
-            results.append(run_cell(family, cell, model, processor, limits))
+        shared = None
+        for column in columns:
+            if column.config_class is not None and column.config_class.stage_class.adds_tokens:
+                model, processor = tiny_vlm(family, seed=seed)
+            else:
+                shared = shared or tiny_vlm(family, seed=seed)
+                model, processor = shared
+            results.append(run_cell(family, column, model, processor))
     return results
 
 
-def to_markdown(results: list[CellResult], limits: dict | None = None) -> str:
+def to_markdown(results: list[CellResult]) -> str:
     """The matrix table (✅ pass, ❌ unsupported with a numbered reason, 💥 failure) plus the reasons."""
-    limits = KNOWN_LIMITS if limits is None else limits
     families = list(dict.fromkeys(r.family for r in results))
     cells = list(dict.fromkeys(r.cell for r in results))
+    titles = {r.cell: r.title or r.cell for r in results}
     by_key = {(r.family, r.cell): r for r in results}
     reasons: list[str] = []
-    lines = ["| family | " + " | ".join(CELL_TITLES.get(c, c) for c in cells) + " |",
-             "|---|" + "---|" * len(cells)]
+    lines = ["| family | " + " | ".join(titles[c] for c in cells) + " |", "|---|" + "---|" * len(cells)]
     for f in families:
         row = []
         for c in cells:
@@ -259,11 +318,9 @@ def to_markdown(results: list[CellResult], limits: dict | None = None) -> str:
             if r.status == "pass":
                 row.append("✅")
             elif r.status == "unsupported":
-                limit = limits[(f, c)]
-                text = limit.reason + (f" *(would be lifted by: {limit.fix})*" if limit.fix else "")
-                if text not in reasons:
-                    reasons.append(text)
-                row.append(f"❌ ({reasons.index(text) + 1})")
+                if r.detail not in reasons:
+                    reasons.append(r.detail)
+                row.append(f"❌ ({reasons.index(r.detail) + 1})")
             else:
                 row.append("💥 " + r.status)
         lines.append(f"| {f} | " + " | ".join(row) + " |")

@@ -148,6 +148,10 @@ class StageConfig:
     requires: ClassVar[tuple[str, ...]] = ()
     #: True for pruners (``keep_ratio`` / ``num_keep`` budgets): the demo sweep and the pruning checks use them
     pruner: ClassVar[bool] = False
+    #: name in tables, plots and reports (default: the class name without ``Config``)
+    display_name: ClassVar[str] = ""
+    #: images each sample must hold for the stage to apply (PMP decodes one image per sample), None = any
+    images_per_sample: ClassVar[int | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,6 +164,18 @@ class StageConfig:
         """A small valid config for the conformance tests and the compatibility matrix (override when the
         defaults need arguments or are too large for a tiny model)."""
         return cls()
+
+    @classmethod
+    def variants(cls) -> dict[str, "StageConfig"]:
+        """Named variants that reports show side by side (the compatibility matrix's columns, the demo's sweep):
+        default one, ``{"": example()}``; FoPru: ``{"rank": …, "row": …}``."""
+        return {"": cls.example()}
+
+    @classmethod
+    def title(cls) -> str:
+        """``display_name``, else the class name without ``Config``."""
+        name = cls.__name__
+        return cls.display_name or (name[: -len("Config")] if name.endswith("Config") else name)
 
     @property
     def sets_positions(self) -> bool:

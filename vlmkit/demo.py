@@ -3,9 +3,9 @@ and V2PE, through the evaluation harness.
 
 Prints a table (VQA accuracy, referring cIoU, visual tokens per image, latency) and writes PNGs into
 ``--out``: a FoPru pruning map, mask overlays of the model's Text4Seg answers, and accuracy against keep
-ratio for FoPru rank, FoPru row and the random / DivPrune baselines. When no shipped model is found
-(``vlmkit/assets/shapes-llava-tiny``), it falls back to a tiny random-weight model and says so: then
-the numbers show the pipeline at work, not answer quality.
+ratio for every registered pruner (FoPru rank, FoPru row and the random / DivPrune baselines, then any
+other). When no shipped model is found (``vlmkit/assets/shapes-llava-tiny``), it falls back to a tiny
+random-weight model and says so: then the numbers show the pipeline at work, not answer quality.
 """
 
 from __future__ import annotations
@@ -23,12 +23,35 @@ MAIN_ROWS = [
     ("FoPru 0.25 + V2PE 16", ["fopru:0.25"], "v2pe:16"),
 ]
 SWEEP_KEEP = [1.0, 0.5, 0.25, 0.11]
-SWEEP_METHODS = {
-    "FoPru rank": "fopru:keep_ratio={k},strategy=rank",
-    "FoPru row": "fopru:keep_ratio={k},strategy=row",
-    "random": "random:keep_ratio={k}",
-    "DivPrune": "divprune:keep_ratio={k}",
-}
+#: the built-in pruners in the sweep's order (the plot's line colours follow it); any other registered pruner
+#: comes after them, by type
+SWEEP_ORDER = ("fopru", "random", "divprune")
+
+
+def sweep_methods() -> dict[str, str]:
+    """Label → compress spec (``{k}``: the keep ratio) of every registered pruner
+    (``registered_configs(pruner=True)``) and each of its ``variants()``: ``{"FoPru rank":
+    "fopru:keep_ratio={k},strategy=rank", …, "random": "random:keep_ratio={k}", "DivPrune": …}``. A spec names
+    the fields in which a pruner's variants differ. Read from the registry on each call, so a pruner registered
+    by an outside module joins the sweep."""
+    import dataclasses
+
+    from .config import registered_configs
+
+    pruners = sorted(registered_configs(pruner=True), key=lambda c: (
+        SWEEP_ORDER.index(c.type) if c.type in SWEEP_ORDER else len(SWEEP_ORDER), c.type))
+    methods: dict[str, str] = {}
+    for cls in pruners:
+        variants = cls.variants()
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("keep_ratio", "num_keep")]
+        varying = [n for n in fields if len({repr(getattr(v, n)) for v in variants.values()}) > 1]
+        for name, config in variants.items():
+            label = f"{cls.title()} {name}".strip()
+            if label == "keep" or label in methods:  # "keep": the report's keep-ratio list
+                raise ValueError(f"demo sweep label {label!r} of pruner {cls.type!r} is taken (by 'keep' or another "
+                                 "pruner); give the config class another display_name")
+            methods[label] = f"{cls.type}:keep_ratio={{k}}" + "".join(f",{n}={getattr(config, n)}" for n in varying)
+    return methods
 
 
 def load_default(model_path: str | None = None):
@@ -109,8 +132,7 @@ def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: in
     samples = generate(n_overlays, seed=0)
     written = []
     wrapped = vlmkit.wrap(model, FoPruConfig(keep_ratio=0.25, strategy="rank"))
-    pixels = processor.image_processor([samples[0].image], return_tensors="pt")["pixel_values"]
-    (tokens,) = wrapped.encode_visual(pixels)
+    (tokens,) = vlmkit.Predictor(wrapped, processor, prompt_style="plain").visual_tokens([samples[0].image])
     pruning_map(samples[0].image, tokens).save(out / "pruning_map.png")
     written.append(out / "pruning_map.png")
     vlmkit.unwrap(wrapped)
@@ -118,12 +140,10 @@ def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: in
     wrapped = vlmkit.wrap(model, _text4seg_config(spec))
     rng = np.random.default_rng(0)
     turns = [refseg_turn(s, rng) for s in samples]
-    processor.tokenizer.padding_side = "left"
     prompts = [PROMPT.format(image=processor.image_token, question=q) for q, _, _ in turns]
-    batch = processor(images=[[s.image] for s in samples], text=prompts, return_tensors="pt", padding=True)
-    generated = wrapped.generate(**batch, max_new_tokens=200, do_sample=False)
-    texts = processor.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    results = wrapped.masks_from_text(texts, images=[s.image for s in samples])
+    predictions = vlmkit.Predictor(wrapped, processor, prompt_style="raw").segment(
+        [s.image for s in samples], prompts, max_new_tokens=200)
+    results = [p.masks for p in predictions]  # Text4SegResult per sample
     for i, (s, (q, _, obj), r) in enumerate(zip(samples, turns, results)):
         label = q.split("'")[1] if "'" in q else s.objects[obj].name
         pic = mask_overlay(s.image.resize((256, 256), 0), [np.kron(r.mask, np.ones((4, 4), bool))], [label])
@@ -155,7 +175,7 @@ def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int 
         res = _run(spec, "shapes_vqa,shapes_refseg", compress, position, data_root, limit, quiet)
         rows.append(_row(label, res))
     sweep: dict[str, list[float]] = {}
-    for method, method_spec in SWEEP_METHODS.items():
+    for method, method_spec in sweep_methods().items():
         sweep[method] = []
         for keep in SWEEP_KEEP:
             res = _run(spec, "shapes_vqa", [method_spec.format(k=keep)], None, data_root, sweep_limit, quiet)
@@ -192,7 +212,7 @@ def cli_main(argv: list[str]) -> int:
         print(f"{r['stages']:24s} {_fmt(r['vqa_accuracy']):>8s} {_fmt(r['cIoU']):>7s} {_fmt(r['gIoU']):>7s} "
               f"{r['visual_tokens_per_image']:12.1f} {r['ms_per_sample']:10.1f}")
     print("VQA accuracy vs keep ratio " + " ".join(f"{k:>6}" for k in report["sweep"]["keep"]))
-    for method in SWEEP_METHODS:
+    for method in [m for m in report["sweep"] if m != "keep"]:
         print(f"  {method:24s} " + " ".join(f"{_fmt(v):>6s}" for v in report["sweep"][method]))
     print(f"pictures: {', '.join(report['pictures'])}")
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -27,8 +27,9 @@ PROMPT_STYLES = ("auto", "chat", "plain", "raw")
 class Prediction:
     """One sample's result: the decoded ``text`` (special tokens skipped), ``visual_tokens`` of the sample
     that reached the language model, ``prefill_tokens`` (its real prompt length there), ``generated_tokens``
-    and, from ``segment``, the head's ``masks`` (``TokenMaskHead``: bool [n, H, W], one per mask token;
-    ``TextMaskHead``: its parse result, e.g. ``Text4SegResult``)."""
+    (``answer``: up to and with the first end-of-sequence; ``segment``: the answer tokens before it, those
+    the mask pass reads) and, from ``segment``, the head's ``masks`` (``TokenMaskHead``: bool [n, H, W], one
+    per mask token; ``TextMaskHead``: its parse result, e.g. ``Text4SegResult``)."""
 
     text: str
     visual_tokens: int
@@ -74,15 +75,22 @@ def _image_lists(images: Sequence[Any] | None, n: int) -> list[list[Any]]:
 class Predictor:
     """Answers, masks and image tokens from a ``VLMWrapper`` and its model's ``processor``.
 
-    ``prompt_style`` (see ``build_prompt``) decides how questions become prompt text; ``"raw"`` passes them
-    as they are. Generation is greedy unless ``generate_kwargs`` say otherwise.
+    ``wrapped``: a ``vlmkit.wrap(...)`` model, or a PEFT model around one (its adapters live inside the
+    wrapper's modules, so the wrapper itself is driven). ``prompt_style`` (see ``build_prompt``) decides
+    how questions become prompt text; ``"raw"`` passes them as they are. Generation is greedy unless
+    ``generate_kwargs`` say otherwise.
     """
 
     def __init__(self, wrapped, processor, prompt_style: str = "auto") -> None:
         from .wrapper import VLMWrapper
 
+        if not isinstance(wrapped, VLMWrapper) and callable(getattr(wrapped, "get_base_model", None)):
+            wrapped = wrapped.get_base_model()  # peft.PeftModel(VLMWrapper)
         if not isinstance(wrapped, VLMWrapper):
             raise TypeError(f"Predictor takes a vlmkit.wrap(...) model, got {type(wrapped).__name__}")
+        if processor is None:
+            raise ValueError("Predictor needs the model's processor (or tokenizer for text-only prompts): "
+                             "vlmkit.Predictor(wrapped, processor)")
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {list(PROMPT_STYLES)}, got {prompt_style!r}")
         self.wrapped = wrapped
@@ -164,6 +172,18 @@ class Predictor:
         return batch.visual_tokens_per_sample, batch.attention_mask.sum(dim=1).tolist()
 
     # --- tasks --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def visual_tokens(self, images: Sequence[Any], question: str = "describe the image") -> list:
+        """The ``VisualTokens`` of every image as the language model receives them (after every compressor:
+        kept grid positions, FoPru's ``scores``), one per image in order; what pruning maps draw.
+        ``images[i]``: an image or a list of images of sample i (prompted with ``question``)."""
+        nested = _image_lists(images, len(images))
+        inputs = self.inputs(nested, [self.prompt(question, len(n)) for n in nested])
+        image_kwargs = {k: inputs[k] for k in self.wrapped.family.image_kwarg_names if inputs.get(k) is not None}
+        batch = self.wrapped.assemble(inputs["input_ids"], inputs.get("pixel_values"), inputs["attention_mask"],
+                                      **image_kwargs)
+        return list(batch.tokens)
+
     def answer(self, images: Sequence[Any] | None, questions: Sequence[str], **generate_kwargs) -> list[Prediction]:
         """Generate one answer per question (``images[i]``: an image, a list of images or None)."""
         questions = [questions] if isinstance(questions, str) else list(questions)

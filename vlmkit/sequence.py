@@ -231,3 +231,38 @@ def resize_placeholder_runs(
         out_mask[b, cols] = 1
         out_lab[b, cols] = torch.tensor(lab, dtype=torch.long)
     return out_ids, out_mask, (out_lab.to(labels.dtype) if labels is not None else None)
+
+
+# --- positions of an assembled batch (shared by the position stages and the families) ------------------
+def integer_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """[B, S] ``attention_mask.cumsum(-1) - 1`` with padding at 0: exactly what ``generate`` computes itself."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _segments(key: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Split a 1-D key (-1 = text, ≥ 0 = visual run key) into maximal runs: (start, end, key)."""
+    n = int(key.numel())
+    if n == 0:
+        return []
+    change = torch.nonzero(key[1:] != key[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), n]
+    keys = key.tolist()
+    return [(s, e, keys[s]) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def visual_runs(visual_mask: torch.Tensor, attention_mask: torch.Tensor, image_id: torch.Tensor | None = None):
+    """Yield ``(b, cols, segments)`` per row: the real columns [n] and their text/visual segments.
+
+    A visual run is a maximal stretch of visual slots (of one image, when ``image_id`` [B, S] is given, so
+    two adjacent images are two runs). Segments are ``(start, end, key)`` over ``cols``; key -1 is text,
+    otherwise the image id (or 0 without ``image_id``).
+    """
+    for b in range(visual_mask.shape[0]):
+        cols = torch.nonzero(attention_mask[b] != 0).flatten()
+        vis = visual_mask[b, cols].bool()
+        if image_id is not None:
+            key = torch.where(vis, image_id[b, cols].long(), torch.full_like(cols, -1))
+        else:
+            key = vis.long() - 1  # 0 visual, -1 text
+        yield b, cols, _segments(key)

@@ -24,6 +24,7 @@ class DivPruneConfig(PruneConfig):
     """Keep ``keep_ratio`` (or ``num_keep``) tokens per image by max–min diversity."""
 
     type = "divprune"
+    display_name = "DivPrune"
 
 
 def divprune_select(embeds: torch.Tensor, num_keep: int) -> torch.Tensor:

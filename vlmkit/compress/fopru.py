@@ -5,12 +5,14 @@ There is no public reference code; the choices below follow reference/compressio
 here (the notes mark them [2nd]/[recon]):
 
 - Layer: ``layer=None`` scores the vision layer whose *output* is the features the model uses
-  (``vision_feature_layer``: LLaVA -2 → ``vision_layers[-2]``, i.e. layer 22 of CLIP-L, the same map as
-  VisionZip's ``attentions[-2]``; InternVL -1 → the last layer). An int indexes ``family.vision_layers``.
-- Attention: recomputed for that one layer by a pre-hook on its attention module: the module's input is
-  the layer-normed hidden states, so ``softmax(q kᵀ · scale)`` with the module's own q/k projections (and
-  q/k norms if it has them) reproduces the layer's probabilities exactly; the tower keeps its own
-  (SDPA) attention. Scores are computed in float32 under ``no_grad``.
+  (``family.feature_layer_index``: LLaVA's ``vision_feature_layer`` -2 → ``vision_layers[-2]``, i.e. layer
+  22 of CLIP-L, the same map as VisionZip's ``attentions[-2]``; InternVL -1 → the last layer). An int
+  indexes ``family.vision_layers``.
+- Attention: recomputed for that one layer by a pre-hook on its attention module
+  (``family.vision_attention``): the module's input is the layer-normed hidden states, so
+  ``softmax(q kᵀ · scale)`` with the layer's own q/k (``family.vision_qk``: its projections, and q/k norms
+  if it has them) reproduces the layer's probabilities exactly; the tower keeps its own (SDPA) attention.
+  Scores are computed in float32 under ``no_grad``.
 - Significance: mean over heads and over queries of the attention each key receives (the column mean;
   the row mean is constant 1/(N+1)). The CLS *key* column is dropped after the softmax (no
   renormalisation); the CLS *query* row is included unless ``cls_query=False``.
@@ -60,10 +62,15 @@ class FoPruConfig(PruneConfig):
     """
 
     type = "fopru"
+    display_name = "FoPru"
     requires = ("patch_grid",)
     strategy: str = "rank"
     layer: int | None = None
     cls_query: bool = True
+
+    @classmethod
+    def variants(cls) -> dict[str, "FoPruConfig"]:
+        return {s: dataclasses.replace(cls.example(), strategy=s) for s in STRATEGIES}
 
     def validate(self) -> None:
         super().validate()
@@ -149,31 +156,17 @@ def run_rows(tokens: VisualTokens) -> torch.Tensor:
     return row
 
 
-def find_attention(layer: nn.Module) -> nn.Module:
-    """The self-attention submodule of a vision layer (the child with ``q_proj`` / ``k_proj``)."""
-    for module in layer.modules():
-        if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "head_dim", "scale")):
-            return module
-    raise ValueError(f"{type(layer).__name__} has no attention module with q_proj/k_proj/num_heads/head_dim/scale")
-
-
 @torch.no_grad()
-def attention_received(attn: nn.Module, hidden_states: torch.Tensor, cls_query: bool = True) -> torch.Tensor:
-    """Mean attention each key receives: attention input [B, S, C] -> [B, S] (mean over heads and queries).
+def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cls_query: bool = True) -> torch.Tensor:
+    """Mean attention each key receives: q, k [B, H, S, d] (``Family.vision_qk``) -> [B, S] (mean over heads
+    and queries), computed in float32.
 
-    ``hidden_states`` is what the attention module receives (already layer-normed by its layer);
     ``cls_query=False`` leaves the first query (CLS) out of the mean.
     """
-    B, S, _ = hidden_states.shape
-    q, k = attn.q_proj(hidden_states), attn.k_proj(hidden_states)
-    if hasattr(attn, "q_norm"):  # InternViT-6B style q/k norms (Identity when unused)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    H, d = attn.num_heads, attn.head_dim
-    q = q.reshape(B, S, H, d).transpose(1, 2).float()
-    k = k.reshape(B, S, H, d).transpose(1, 2).float()
+    q, k = q.float(), k.float()
     out = []
-    for b in range(B):  # one image at a time keeps memory at H·S² floats
-        probs = torch.softmax(q[b] @ k[b].transpose(-1, -2) * attn.scale, dim=-1)  # [H, S, S]
+    for b in range(q.shape[0]):  # one image at a time keeps memory at H·S² floats
+        probs = torch.softmax(q[b] @ k[b].transpose(-1, -2) * scale, dim=-1)  # [H, S, S]
         if not cls_query:
             probs = probs[:, 1:]
         out.append(probs.mean(dim=(0, 1)))
@@ -204,10 +197,10 @@ class FoPru(PruneStage):
         n = len(family.vision_layers)
         layer = self.config.layer
         if layer is None:
-            fl = family.feature_layer
-            if not isinstance(fl, int) or fl == 0:
-                raise ValueError(f"FoPru cannot follow vision_feature_layer={fl!r}; set FoPruConfig(layer=...)")
-            layer = fl if fl < 0 else fl - 1  # hidden_states[i] is the output of layer i-1 (0 = embeddings)
+            layer = family.feature_layer_index  # the layer whose output the model uses
+            if layer is None:
+                raise ValueError(f"FoPru cannot follow vision_feature_layer={family.feature_layer!r}; "
+                                 "set FoPruConfig(layer=...)")
         if not -n <= layer < n:
             raise ValueError(f"FoPru layer={layer} out of range for {n} vision layers; accepted: {-n}..{n - 1}")
         return layer % n
@@ -224,7 +217,7 @@ class FoPru(PruneStage):
                 "must be 'default')"
             )
         self._layer = self._resolve_layer(family)
-        find_attention(family.vision_layers[self._layer])  # fail at wrap() time, not mid-forward
+        family.vision_attention(self._layer)  # fail at wrap() time, not mid-forward
         self._patch_grid, self._factor = patch_grid, factor
 
     @property
@@ -234,12 +227,14 @@ class FoPru(PruneStage):
 
     def scored_attention(self, family) -> nn.Module:
         """The attention module whose probabilities FoPru recomputes (not stored: it belongs to the model)."""
-        return find_attention(family.vision_layers[self._layer])
+        return family.vision_attention(self._layer)
 
-    def token_scores(self, attn: nn.Module, attention_input: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, family, attention_input: torch.Tensor) -> torch.Tensor:
         """Input of the scored attention module [B, S, C] -> per-token scores [B, h·w] (float32)."""
         has_cls = attention_input.shape[1] == self._patch_grid[0] * self._patch_grid[1] + 1
-        keys = attention_received(attn, attention_input, self.config.cls_query or not has_cls)
+        with torch.no_grad():
+            q, k, scale = family.vision_qk(self._layer, attention_input)
+        keys = attention_received(q, k, scale, self.config.cls_query or not has_cls)
         return patch_to_token_scores(keys, self._patch_grid, self._factor)
 
     @contextlib.contextmanager
@@ -248,7 +243,7 @@ class FoPru(PruneStage):
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            records.append(self.token_scores(module, hidden))
+            records.append(self.token_scores(family, hidden))
 
         handle = self.scored_attention(family).register_forward_pre_hook(hook, with_kwargs=True)
         self._records = records

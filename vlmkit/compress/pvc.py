@@ -44,7 +44,6 @@ from torch import nn
 from ..config import StageConfig, register_stage
 from ..stage import CompressorStage
 from ..tokens import VisualTokens
-from .fopru import find_attention
 
 TIME_DIM = 256  # sinusoidal frame-index embedding width (DiT / PVC)
 
@@ -55,7 +54,8 @@ class PVCConfig(StageConfig):
     AdaLN in the last ``temporal_layers`` vision layers (ending at the feature layer). Trainable."""
 
     type = "pvc"
-    requires = ("patch_grid",)
+    display_name = "PVC"
+    requires = ("patch_grid", "tile_rows")
     exclusive = True  # it re-runs the vision tower itself: no other compressor can share the images
     frames: int = 4
     tokens_per_frame: int = 64
@@ -143,13 +143,6 @@ class FrameCompressor(nn.Module):
         return groups.mean(dim=2) + self.mlp(groups.flatten(2))
 
 
-def _find_mlp(layer: nn.Module) -> nn.Module:
-    for module in layer.modules():
-        if hasattr(module, "fc1") and hasattr(module, "fc2"):
-            return module
-    raise ValueError(f"{type(layer).__name__} has no MLP submodule with fc1/fc2")
-
-
 def _replace_first(args, kwargs, value):
     if args:
         return (value, *args[1:]), kwargs
@@ -193,10 +186,9 @@ class PVC(CompressorStage):
             ok = [h * w // (d * d) for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
             raise ValueError(f"tokens_per_frame={cfg.tokens_per_frame} does not pool the {h}×{w} grid; accepted: {ok}")
         layers = family.vision_layers
-        fl = family.feature_layer
-        if not isinstance(fl, int) or fl == 0:
-            raise ValueError(f"PVC cannot follow vision_feature_layer={fl!r}")
-        last = (fl if fl < 0 else fl - 1) % len(layers)  # index of the layer producing the features
+        last = family.feature_layer_index  # index of the layer producing the features
+        if last is None:
+            raise ValueError(f"PVC cannot follow vision_feature_layer={family.feature_layer!r}")
         if cfg.temporal_layers > last + 1:
             raise ValueError(
                 f"temporal_layers={cfg.temporal_layers} but only {last + 1} vision layers lead to the features; "
@@ -204,12 +196,11 @@ class PVC(CompressorStage):
             )
         self._layers = list(range(last + 1 - cfg.temporal_layers, last + 1))
         for i in self._layers:  # fail at wrap() time if the layer shape is unknown
-            find_attention(layers[i]), _find_mlp(layers[i])
-        vision = family.config.vision_config
+            family.vision_attention(i), family.vision_mlp(i)
         param = next(layers[0].parameters())
-        width, heads = vision.hidden_size, vision.num_attention_heads
+        width, heads = family.vision_width, family.vision_heads
         self.temporal = TemporalStack(width, heads, cfg.temporal_layers).to(param.device, param.dtype)
-        self.compressor = FrameCompressor(family.config.text_config.hidden_size, s).to(param.device, param.dtype)
+        self.compressor = FrameCompressor(family.text_width, s).to(param.device, param.dtype)
         self._grid = (h // s, w // s)
 
     # --- vision hooks ---------------------------------------------------------------------------
@@ -240,16 +231,16 @@ class PVC(CompressorStage):
                 return pre, post
 
             handles.append(layer.register_forward_pre_hook(temporal, with_kwargs=True))
-            for k, sub in ((0, find_attention(layer)), (3, _find_mlp(layer))):
+            for k, sub in ((0, family.vision_attention(i)), (3, family.vision_mlp(i))):
                 pre, post = modulate(k)
                 handles.append(sub.register_forward_pre_hook(pre, with_kwargs=True))
                 handles.append(sub.register_forward_hook(post))
 
-        def capture(module, args, kwargs):
+        def capture(pixel_values):
             if run.frame == 0 and run.pixel_values is None:
-                run.pixel_values = args[0] if args else kwargs["pixel_values"]
+                run.pixel_values = pixel_values
 
-        handles.append(family.vision_tower.register_forward_pre_hook(capture, with_kwargs=True))
+        handles.append(family.on_vision_input(capture))
         return handles
 
     @contextlib.contextmanager

@@ -25,6 +25,7 @@ class RandomPruneConfig(PruneConfig):
     """
 
     type = "random"
+    display_name = "random"
     seed: int = 0
 
     def validate(self) -> None:

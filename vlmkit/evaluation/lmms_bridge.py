@@ -35,14 +35,14 @@ def lmms_eval_available() -> bool:
 class VlmkitGenerator:
     """lmms-eval-free core: load/wrap a model once, answer ``(context, images, gen_kwargs)`` requests.
 
-    ``pretrained``: a ``vlmkit.evaluation.runner.load_model`` spec (path, ``tiny:<family>``) or an
+    ``pretrained``: a ``vlmkit.evaluation.loading.load_model`` spec (path, ``tiny:<family>``) or an
     object with ``processor=``; ``compress`` / ``position``: stage specs (``"fopru:0.25"``, ``"v2pe:64"``).
     """
 
     def __init__(self, pretrained: Any, processor: Any = None, compress: str | Sequence[str] | None = None,
                  position: str | None = None, batch_size: int | str = 1, device: str | None = None,
                  dtype: str | None = None, prompt_style: str = "auto", max_new_tokens: int = 128) -> None:
-        from .runner import load_model
+        from .loading import load_model
 
         if isinstance(compress, str):
             compress = [c for c in compress.split("+") if c]  # model_args are comma-separated: join with +
@@ -56,14 +56,14 @@ class VlmkitGenerator:
     def _text(self, context: str, n_images: int) -> str:
         """The model text for one request: lmms-eval ``<image>`` markers are dropped and the images go
         before the text (as lmms-eval's ``llava_hf`` does), in the processor's prompt style."""
-        from .runner import build_input_text
+        from .prediction import build_input_text
 
         return build_input_text(self.loaded.processor, context.replace("<image>", "").strip(), self.prompt_style,
                                 n_images)
 
     def generate(self, items: Sequence[tuple[str, Sequence[Any], dict[str, Any]]]) -> list[str]:
         """Answer ``(context, images, gen_kwargs)`` items, batching equal ``gen_kwargs``; outputs in input order."""
-        from .runner import generate_batch
+        from .prediction import generate_batch
 
         groups: dict[str, list[int]] = {}
         for i, (_, _, gen) in enumerate(items):

@@ -36,7 +36,7 @@ def evaluate_semantic(model, task: Any = "ade20k", data_root: str | os.PathLike 
     from tqdm.auto import tqdm
 
     from .readers import load_image
-    from .runner import _effective_limit, load_docs
+    from .data import _effective_limit, load_docs
     from .tasks import MeanIoUScorer, TaskConfig, get_task
 
     cfg = task if isinstance(task, TaskConfig) else get_task(task, include_path)

@@ -16,6 +16,9 @@ CAPABILITIES: dict[str, str] = {
                   "MLP of every vision layer exposed by the family",
     "rope_1d": "a decoder whose rotary embedding takes 1-D positions",
     "single_tile": "one pixel_values row per image",
+    "tile_rows": "images made of whole tiles of one fixed grid: the tower runs on pixel_values [tiles, C, H, W] "
+                 "with no other image input, and each image's run is its tiles' tokens in row order",
+    "fixed_grid": "every image's visual tokens lie on tiles of one fixed grid, whatever the image size",
 }
 
 
@@ -29,7 +32,9 @@ class Family:
     """Adapter for one ``*ForConditionalGeneration`` class of the LLaVA / InternVL shape.
 
     Subclasses name the model classes they accept and how tiles map to images; everything else
-    (placeholder id, embeddings, the model's own ``get_image_features``) is shared.
+    (placeholder id, embeddings, the model's own ``get_image_features``) is shared. Families are the only
+    code that knows a model's attribute names (``tests/test_model_knowledge.py`` enforces it): stages ask
+    the properties and methods below, overridden per family where the family differs.
     """
 
     model_type: ClassVar[str] = ""
@@ -38,8 +43,17 @@ class Family:
     #: token strings the family's prompts use around images (stages adding tokens must not reuse them)
     image_markers: ClassVar[tuple[str, ...]] = ()
     #: keys of ``CAPABILITIES`` this family has; ``lacks`` says why for each one it does not
-    capabilities: ClassVar[frozenset[str]] = frozenset({"patch_grid", "rope_1d"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"patch_grid", "rope_1d", "tile_rows", "fixed_grid"})
     lacks: ClassVar[dict[str, str]] = {"single_tile": "tiles its images (several pixel_values rows per image)"}
+    #: recipe part alias (``projector`` / ``vision_tower`` / ``language_model``, the vocabulary of
+    #: ``vlmkit.train.recipes``) -> module path under the HF ``*ForConditionalGeneration`` model
+    #: (transformers 5 layout; LLaVA, LLaVA-NeXT, LLaVA-OneVision and InternVL share it). A class attribute,
+    #: so that checkpoints can be quantized while loading, before there is a model.
+    part_paths: ClassVar[dict[str, str]] = {
+        "projector": "model.multi_modal_projector",
+        "vision_tower": "model.vision_tower",
+        "language_model": "model.language_model",
+    }
 
     def __init__(self, model: nn.Module) -> None:
         # A PEFT model (LoRA on the HF model) is called as it is; attributes are read from the model inside.
@@ -75,13 +89,18 @@ class Family:
         return 0
 
     @property
+    def input_embeddings(self) -> nn.Module:
+        """The language model's input embedding table (``nn.Embedding``, weight [V, D])."""
+        return self.model.get_input_embeddings()
+
+    @property
     def text_width(self) -> int:
-        """Hidden size of the language model (= width of the projected visual tokens)."""
-        return int(self.model.get_input_embeddings().embedding_dim)
+        """Hidden size D of the language model (= width of the projected visual tokens)."""
+        return int(self.input_embeddings.embedding_dim)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] ids -> [B, S, D] input embeddings of the language model."""
-        return self.model.get_input_embeddings()(input_ids)
+        return self.input_embeddings(input_ids)
 
     # --- language model -----------------------------------------------------------------------
     @property
@@ -99,6 +118,20 @@ class Family:
         """The decoder's rotary-embedding module (what position schemes remap), or None if it has none."""
         return getattr(self.language_model, "rotary_emb", None)
 
+    @property
+    def rope_kind(self) -> str | None:
+        """What positions ``rotary_embedding`` takes: ``"1d"`` ([B, S] position ids), ``"mrope"`` (M-RoPE:
+        [3, B, S] (t, h, w) ids) or None (no remappable rotary module)."""
+        rotary = self.rotary_embedding
+        if not isinstance(rotary, nn.Module) or not callable(getattr(rotary, "forward", None)):
+            return None
+        text = getattr(self.config, "text_config", self.config)
+        rope_type = getattr(rotary, "rope_type", "default")
+        if "mrope_section" in (getattr(text, "rope_parameters", None) or {}) or (
+                isinstance(rope_type, str) and "mrope" in rope_type):
+            return "mrope"
+        return "1d"
+
     def language_inputs(self, batch) -> dict[str, Any]:
         """Extra keyword arguments the decoder needs for an ``AssembledBatch`` (default: none).
 
@@ -110,6 +143,7 @@ class Family:
     # --- vision -------------------------------------------------------------------------------
     @property
     def vision_tower(self) -> nn.Module:
+        """The vision encoder module (what the model runs on ``pixel_values`` before its projector)."""
         return self.model.model.vision_tower
 
     @property
@@ -120,7 +154,78 @@ class Family:
 
     @property
     def feature_layer(self) -> int:
+        """The model's ``vision_feature_layer``: an index into the tower's hidden states (0 = embeddings, -1 =
+        last layer's output), or a list of them for models that concatenate several."""
         return self.config.vision_feature_layer
+
+    @property
+    def feature_layer_index(self) -> int | None:
+        """0-based index into ``vision_layers`` of the layer whose *output* the model takes as its visual
+        features (hidden state i is the output of layer i-1), or None when the features are not one layer's
+        output (a list of layers, or the embeddings). ValueError when the index is out of range."""
+        fl, n = self.feature_layer, len(self.vision_layers)
+        if not isinstance(fl, int) or isinstance(fl, bool) or fl == 0:
+            return None
+        layer = fl if fl < 0 else fl - 1
+        if not -n <= layer < n:
+            raise ValueError(f"vision_feature_layer={fl} is out of range for the {n} vision layers of this "
+                             f"{self.model_type} model")
+        return layer % n
+
+    @property
+    def vision_width(self) -> int:
+        """Hidden size C of the vision tower's layers (width of their hidden states [B, S, C])."""
+        return int(self.config.vision_config.hidden_size)
+
+    @property
+    def vision_heads(self) -> int:
+        """Number of attention heads H of the vision tower's layers."""
+        return int(self.config.vision_config.num_attention_heads)
+
+    def vision_attention(self, layer_index: int) -> nn.Module:
+        """The self-attention module of ``vision_layers[layer_index]``; what it receives (first argument or
+        ``hidden_states``) is its layer's layer-normed hidden states [B, S, C] (for hooks; ``vision_qk``)."""
+        layer = self.vision_layers[layer_index]
+        for module in layer.modules():
+            if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "head_dim", "scale")):
+                return module
+        raise ValueError(f"{type(layer).__name__} has no attention module with q_proj/k_proj/num_heads/head_dim/scale")
+
+    def vision_qk(self, layer_index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries and keys of vision layer ``layer_index`` for its attention input ``hidden`` [B, S, C]:
+        ``(q [B, H, S, d], k [B, H, S, d], scale)`` in the model's dtype, computed with the layer's own
+        projections (and q/k norms), so ``softmax(q kᵀ · scale)`` are that layer's attention probabilities."""
+        attn = self.vision_attention(layer_index)
+        B, S, _ = hidden.shape
+        q, k = attn.q_proj(hidden), attn.k_proj(hidden)
+        if hasattr(attn, "q_norm"):  # InternViT-6B style q/k norms (Identity when unused)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        H, d = attn.num_heads, attn.head_dim
+        return q.reshape(B, S, H, d).transpose(1, 2), k.reshape(B, S, H, d).transpose(1, 2), attn.scale
+
+    def vision_mlp(self, layer_index: int) -> nn.Module:
+        """The MLP module of ``vision_layers[layer_index]`` (input and output [B, S, C], for hooks)."""
+        layer = self.vision_layers[layer_index]
+        for module in layer.modules():
+            if hasattr(module, "fc1") and hasattr(module, "fc2"):
+                return module
+        raise ValueError(f"{type(layer).__name__} has no MLP submodule with fc1/fc2")
+
+    def vision_hidden_states(self, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
+        """The vision tower's hidden state ``index`` (0 = embeddings, -1 = last layer's output) for one tile
+        per row of ``pixel_values`` [N, C, H, W] (cast to the tower's dtype): [N, S, C], CLS / prefix tokens
+        included, before any projector."""
+        tower = self.vision_tower
+        dtype = next(tower.parameters()).dtype
+        return tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states[index]
+
+    def on_vision_input(self, hook) -> Any:
+        """Call ``hook(pixel_values)`` whenever the vision tower is about to run (whatever runs it); returns a
+        handle whose ``remove()`` stops it."""
+        def pre(module, args, kwargs):
+            hook(args[0] if args else kwargs["pixel_values"])
+
+        return self.vision_tower.register_forward_pre_hook(pre, with_kwargs=True)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -9,7 +9,7 @@ class LlavaFamily(Family):
     model_type = "llava"
     model_class_names = ("LlavaForConditionalGeneration",)
     image_kwarg_names = ("image_sizes",)
-    capabilities = frozenset({"patch_grid", "rope_1d", "single_tile"})
+    capabilities = frozenset({"patch_grid", "rope_1d", "single_tile", "tile_rows", "fixed_grid"})
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -43,6 +43,9 @@ from .base import Family
 
 class LlavaNextFamily(Family):
     model_type = "llava_next"
+    capabilities = frozenset({"patch_grid", "rope_1d", "fixed_grid"})
+    lacks = {**Family.lacks, "tile_rows": "lays its AnyRes tiles out as one stitched, cropped grid with image-newline "
+                                          "tokens, decided by image_sizes"}
     model_class_names = ("LlavaNextForConditionalGeneration",)
     image_kwarg_names = ("image_sizes",)
 

@@ -23,8 +23,8 @@ How vlmkit handles it (design choices of this module):
   ``attention_mask.cumsum - 1`` HF's ``generate`` uses for masks, rows 1-3 = M-RoPE), as Qwen's own
   ``_prepare_position_ids_for_generation`` does.
 - ``VLMWrapper`` passes ``family.language_inputs(batch)`` to the decoder before the position stages'
-  ``position_ids``; the 1-D position schemes (V2PE, MouSi) refuse M-RoPE decoders at ``wrap()``
-  (``vlmkit.position.rotary.rotary_embedding``), so nothing overwrites these positions.
+  ``position_ids``; the 1-D position schemes (V2PE, MouSi) refuse M-RoPE decoders at ``wrap()`` (the
+  family lacks the capability ``rope_1d``; ``rope_kind`` is ``"mrope"``), so nothing overwrites these positions.
 - There is no fixed tile: ``image_size`` / ``patch grid`` do not exist (FoPru refuses at ``wrap()``), and
   ``tokens_per_tile`` is an upper bound only: the tokens of the largest image the processor's default
   ``max_pixels`` (12 845 056 px = 16 384 tokens) allows, for the ``num_keep`` check of pruning stages.
@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ..sequence import integer_positions, visual_runs
 from ..tokens import VisualTokens
 from .base import Family
 
@@ -65,9 +66,13 @@ class Qwen2_5_VLFamily(Family):
     lacks = {
         "patch_grid": "has dynamic resolution (there is no fixed tile size) and windowed vision attention with a "
                       "fused qkv",
-        "rope_1d": "uses M-RoPE (3-D (t, h, w) positions); position schemes need 1-D RoPE",
+        "rope_1d": "uses M-RoPE: position schemes need 1-D RoPE, not M-RoPE's 3-D (t, h, w) positions",
         "single_tile": "passes images as variable-size patch sequences, not pixel_values rows",
+        "tile_rows": "passes images as variable-size patch sequences, not tiles",
+        "fixed_grid": "has dynamic resolution: an image's token grid follows its size",
     }
+    part_paths = {"projector": "model.visual.merger", "vision_tower": "model.visual",
+                  "language_model": "model.language_model"}
 
     # --- vision -------------------------------------------------------------------------------
     @property
@@ -104,6 +109,29 @@ class Qwen2_5_VLFamily(Family):
     def feature_layer(self) -> int:
         return -1
 
+    def _no_patch_grid(self, what: str) -> ValueError:
+        return ValueError(f"{type(self.model).__name__} {self.lacks['patch_grid']}: {what} does not apply")
+
+    def vision_attention(self, layer_index: int):
+        raise self._no_patch_grid("a per-layer q/k attention module")
+
+    def vision_qk(self, layer_index: int, hidden: torch.Tensor):
+        raise self._no_patch_grid("recomputing one layer's attention from its q/k projections")
+
+    def vision_mlp(self, layer_index: int):
+        """The gated MLP of ``blocks[layer_index]`` (input and output [S, C], all patches of the batch)."""
+        return self.vision_layers[layer_index].mlp
+
+    def vision_hidden_states(self, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
+        raise self._no_patch_grid("a per-tile hidden state of the vision tower")
+
+    def on_vision_input(self, hook):
+        """``hook(patches)``: the flattened patches [Σ t·H·W, C·2·14·14] the tower runs on."""
+        def pre(module, args, kwargs):
+            hook(args[0] if args else kwargs["hidden_states"])
+
+        return self.vision_tower.register_forward_pre_hook(pre, with_kwargs=True)
+
     def check_pixel_values(self, pixel_values: Any) -> None:
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -130,6 +158,10 @@ class Qwen2_5_VLFamily(Family):
         return out
 
     # --- language model -----------------------------------------------------------------------
+    @property
+    def rope_kind(self) -> str:
+        return "mrope"
+
     def language_inputs(self, batch) -> dict[str, Any]:
         """``position_ids`` [4, B, L]: text positions, then the M-RoPE (t, h, w) rows of the assembled batch."""
         return {"position_ids": mrope_position_ids(batch)}
@@ -143,8 +175,6 @@ def mrope_position_ids(batch) -> torch.LongTensor:
     the position (L + t, L + row, L + col), and afterwards p = L + max(h, w) (uncompressed, whatever was
     kept). Padding gets 0 on every axis.
     """
-    from ..position.rotary import integer_positions, visual_runs
-
     mask = batch.attention_mask
     B, L = mask.shape
     pos = torch.zeros((3, B, L), dtype=torch.long, device=mask.device)

@@ -28,6 +28,17 @@ def register_family(model_type: str, path: str) -> None:
     _FAMILIES[model_type] = path
 
 
+def family_class(model_type: str):
+    """The adapter class (a ``Family`` subclass) registered for ``model_type``; ValueError otherwise.
+
+    For what a family knows before there is a model (``part_paths`` when quantizing while loading).
+    """
+    if model_type not in _FAMILIES:
+        raise ValueError(f"no vlmkit family for model_type={model_type!r}; supported families: {supported_families()}")
+    module, name = _FAMILIES[model_type].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def family_for(model: nn.Module):
     """The adapter instance for ``model``; ValueError naming the type and the supported families otherwise."""
     config = getattr(model, "config", None)
@@ -37,6 +48,4 @@ def family_for(model: nn.Module):
             f"vlmkit cannot wrap {type(model).__name__} (model_type={model_type!r}); "
             f"supported families: {supported_families()}"
         )
-    module, name = _FAMILIES[model_type].split(":")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(model)
+    return family_class(model_type)(model)

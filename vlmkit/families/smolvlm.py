@@ -37,8 +37,12 @@ from .base import Family
 
 class SmolVLMFamily(Family):
     model_type = "smolvlm"
+    capabilities = frozenset({"patch_grid", "rope_1d", "fixed_grid"})
+    lacks = {**Family.lacks, "tile_rows": "passes pixel_values as [images, tiles, C, H, W] with a pixel_attention_mask"}
     model_class_names = ("SmolVLMForConditionalGeneration",)
     image_kwarg_names = ("pixel_attention_mask",)
+    part_paths = {"projector": "model.connector", "vision_tower": "model.vision_model",
+                  "language_model": "model.text_model"}
 
     @property
     def vision_tower(self):

@@ -70,6 +70,7 @@ class MouSiPositionConfig(StageConfig):
     """
 
     type = "mousi_position"
+    display_name = "MouSi positions"
     requires = ("rope_1d",)
     mode: str = "row"
 

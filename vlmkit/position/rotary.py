@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
+from ..sequence import integer_positions, visual_runs  # noqa: F401  (also public here: v2pe, mousi, tests)
 from ..stage import PositionStage
 
 if TYPE_CHECKING:
@@ -33,60 +34,21 @@ if TYPE_CHECKING:
 
 
 def rotary_embedding(family: "Family") -> nn.Module:
-    """The language model's rotary module (``Family.rotary_embedding``: ``model.model.language_model.rotary_emb``
-    for LLaVA and InternVL, ``model.model.text_model.rotary_emb`` for SmolVLM / Idefics3).
+    """The language model's rotary module (``Family.rotary_embedding``), checked to take 1-D positions.
 
-    Raises ValueError when the decoder has no RoPE module these schemes can remap, or uses M-RoPE
-    (3-D (t, h, w) positions, Qwen2.5-VL).
+    Raises ValueError when the decoder has no RoPE module these schemes can remap, or uses another kind of
+    RoPE (``Family.rope_kind``: M-RoPE's 3-D (t, h, w) positions, Qwen2.5-VL).
     """
-    model = family.model
-    rotary = getattr(family, "rotary_embedding", None)
-    if not isinstance(rotary, nn.Module) or not callable(getattr(rotary, "forward", None)):
+    kind = family.rope_kind
+    name = type(family.model).__name__
+    if kind is None:
         raise ValueError(
-            f"vlmkit position schemes remap the decoder's rotary embedding, but {type(model).__name__} "
-            f"({family.model_type}) has none"
+            f"vlmkit position schemes remap the decoder's rotary embedding, but {name} ({family.model_type}) has none"
         )
-    text = getattr(family.config, "text_config", family.config)
-    rope_type = getattr(rotary, "rope_type", "default")
-    if "mrope_section" in (getattr(text, "rope_parameters", None) or {}) or (
-            isinstance(rope_type, str) and "mrope" in rope_type):
-        raise ValueError(f"position schemes need 1-D RoPE; {type(model).__name__} uses M-RoPE "
-                         "(3-D (t, h, w) positions)")
-    return rotary
-
-
-def integer_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """[B, S] ``attention_mask.cumsum(-1) - 1`` with padding at 0: exactly what ``generate`` computes itself."""
-    mask = attention_mask.long()
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _segments(key: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Split a 1-D key (-1 = text, ≥ 0 = visual run key) into maximal runs: (start, end, key)."""
-    n = int(key.numel())
-    if n == 0:
-        return []
-    change = torch.nonzero(key[1:] != key[:-1]).flatten() + 1
-    bounds = [0, *change.tolist(), n]
-    keys = key.tolist()
-    return [(s, e, keys[s]) for s, e in zip(bounds[:-1], bounds[1:])]
-
-
-def visual_runs(visual_mask: torch.Tensor, attention_mask: torch.Tensor, image_id: torch.Tensor | None = None):
-    """Yield ``(b, cols, segments)`` per row: the real columns [n] and their text/visual segments.
-
-    A visual run is a maximal stretch of visual slots (of one image, when ``image_id`` [B, S] is given, so
-    two adjacent images are two runs). Segments are ``(start, end, key)`` over ``cols``; key -1 is text,
-    otherwise the image id (or 0 without ``image_id``).
-    """
-    for b in range(visual_mask.shape[0]):
-        cols = torch.nonzero(attention_mask[b] != 0).flatten()
-        vis = visual_mask[b, cols].bool()
-        if image_id is not None:
-            key = torch.where(vis, image_id[b, cols].long(), torch.full_like(cols, -1))
-        else:
-            key = vis.long() - 1  # 0 visual, -1 text
-        yield b, cols, _segments(key)
+    if kind != "1d":
+        what = "M-RoPE (3-D (t, h, w) positions)" if kind == "mrope" else f"{kind!r} rotary positions"
+        raise ValueError(f"position schemes need 1-D RoPE; {name} uses {what}")
+    return family.rotary_embedding
 
 
 def check_masks(visual_mask: torch.Tensor, attention_mask: torch.Tensor, image_id) -> None:

@@ -49,6 +49,7 @@ class V2PEConfig(StageConfig):
     """
 
     type = "v2pe"
+    display_name = "V2PE"
     requires = ("rope_1d",)
     stride: float = 64
     tokens_per_tile: int | None = None

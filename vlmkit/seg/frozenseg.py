@@ -46,7 +46,7 @@ MSDeformAttn op):
    class with ``torch.where``, the same value as the reference's ``(in^(1-α)·out^α).log() * seen`` without
    its ``0 · -inf = NaN`` hazard.
 7. Loss: Mask2Former's (Hungarian matching, class CE with no-object weight 0.1 and weights class 2 /
-   mask BCE 5 / dice 5, deep supervision) from :func:`vlmkit.seg.pmp.set_criterion`, computed on the full
+   mask BCE 5 / dice 5, deep supervision) from :func:`vlmkit.seg.criterion.set_criterion`, computed on the full
    stride-4 mask logits (targets resized with antialiasing) instead of 12,544 importance-sampled points.
 8. ``pmp=True`` turns on the PMP text cross-attention in the decoder; the text tokens are the class
    text embeddings of the current vocabulary (one token per synonym, the void row excluded), so with PMP
@@ -68,7 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.seg.pmp import PMPDecoder, classification_logits, mask_pool, set_criterion, sine_position_embedding
+from vlmkit.seg.pmp import PMPDecoder, classification_logits, mask_pool, sine_position_embedding
+from vlmkit.seg.criterion import set_criterion
 
 __all__ = [
     "FrozenSegConfig", "FrozenSeg", "build_frozenseg", "CLIPBackbone", "PixelDecoder", "SamFeatureInjector",

@@ -13,14 +13,15 @@ Training (``VLMWrapper.forward(..., sam_images=[...], masks=[...])``): the combi
 BCE and its DICE with ``scale=1000``, both averaged over all masks of the batch. SAM's image encoder and
 prompt encoder are frozen; the mask decoder and ``text_hidden_fcs`` are this stage's parameters (trained
 when a recipe lists ``read``; the only weights ``save_pretrained`` writes). Inference:
-``model.segment(images, prompts, processor=processor)`` generates, then returns one mask per ``[SEG]`` in
-the generated text (none when there is no ``[SEG]``), at the original image size.
+``vlmkit.Predictor(wrapped, processor).segment(images, prompts)`` generates, then gives one mask per
+``[SEG]`` in the generated text (none when there is no ``[SEG]``), at the original image size: READ is a
+``TokenMaskHead`` (``mask_token_id``, ``masks_from_states``) and the Predictor drives it.
 
 Conventions and choices (those the reference does not fix are marked [choice]):
 
 - Shift: as LISA's ``seg_token_mask = input_ids[:, 1:] == seg_id``, the state used for a ``[SEG]`` at
   position q is the one at q - 1, i.e. the state that *predicts* ``[SEG]`` (:func:`seg_token_mask`). In
-  training every ``[SEG]`` of the sequence counts (as LISA); in ``segment`` only generated ones do.
+  training every ``[SEG]`` of the sequence counts (as LISA); in ``Predictor.segment`` only generated ones do.
 - Image tokens are located through the ``AssembledBatch`` bookkeeping (``visual_mask`` / ``image_id`` /
   ``visual_index``), not ``<im_start> + 1``, so the map is right after any compressor: a kept token goes
   to its own grid cell. [choice] The image used for a ``[SEG]`` is the last image before it in its
@@ -48,9 +49,10 @@ Conventions and choices (those the reference does not fix are marked [choice]):
 - SAM prompt: points (+ the padding point SAM's prompt encoder appends without a box) then the projected
   ``[SEG]`` embedding: ``[p_1..p_P, pad, seg]`` for READ, ``[seg]`` for LISA; dense = ``no_mask_embed``;
   ``multimask_output=False``; predicted mask = logits > 0.
-- [choice] ``segment`` runs ``generate`` and then one teacher-forced forward over prompt + generated
-  tokens to get the hidden states (the training computation), rather than collecting them step by step
-  from ``generate``; the masks therefore equal what ``forward`` produces on the same text.
+- [choice] ``Predictor.segment`` runs ``generate`` and then one teacher-forced pass over prompt + generated
+  tokens (up to the first end-of-sequence, re-assembled right-padded) to get the hidden states (the training
+  computation), rather than collecting them step by step from ``generate``; the masks therefore equal what
+  ``forward`` produces on the same text.
 - [choice] SAM stays outside the module tree except for its mask decoder (registered here as
   ``mask_decoder``): the frozen encoders are foreign weights that ``save_pretrained`` must not copy and a
   recipe must not unfreeze. They are kept in float32 on the mask decoder's device. ``sam="tiny"`` without
@@ -135,6 +137,7 @@ class READConfig(StageConfig):
     """
 
     type = "read"
+    display_name = "READ"
 
     sam: str = "vit_h"
     sam_checkpoint: str | None = None
@@ -415,6 +418,9 @@ def _image_size(image: Any) -> tuple[int, int]:
 class READ(AddsTokens, TokenMaskHead):
     """The ``[SEG]`` head. Parameters: ``text_hidden_fcs`` and SAM's ``mask_decoder`` (built in ``attach``).
 
+    A ``TokenMaskHead``: ``vlmkit.Predictor(wrapped, processor).segment(images, prompts)`` generates and
+    turns the state before each generated ``[SEG]`` (``mask_token_id``) into a mask (``masks_from_states``).
+
     ``forward`` inputs: ``sam_images`` (one PIL / uint8 [H, W, 3] image per sample; None for a sample
     without ``[SEG]``) and, for training, ``masks`` (one [n_b, H, W] tensor per sample, one mask per ``[SEG]``
     in that sample, in order; None for a sample without ``[SEG]``). Outputs
@@ -422,8 +428,7 @@ class READ(AddsTokens, TokenMaskHead):
     plus ``ce_loss`` / ``mask_bce_loss`` / ``mask_dice_loss``.
     """
 
-    head_input_names = ("sam_images", "masks")
-    needs_hidden_states = True
+    head_input_names = ("sam_images", "masks")  # needs_hidden_states: set by TokenMaskHead
 
     def __init__(self, config: READConfig, sam: Any = None) -> None:
         super().__init__(config)
@@ -486,7 +491,9 @@ class READ(AddsTokens, TokenMaskHead):
             sam.pixel_std = sam.pixel_std.to(device)
         return sam
 
-    def _seg_id(self) -> int:
+    @property
+    def mask_token_id(self) -> int:
+        """Vocabulary id of ``[SEG]`` (``TokenMaskHead``); ValueError before ``wrap`` added the token."""
         if self.seg_token_id is None:
             raise ValueError(f"the {self.config.token} token has no id: wrap with vlmkit.wrap(model, READConfig(...), "
                              "tokenizer=tokenizer)")
@@ -570,7 +577,7 @@ class READ(AddsTokens, TokenMaskHead):
                 raise ValueError("READ: masks were given without sam_images (one image per sample for SAM)")
             return outputs
         hidden = outputs.hidden_states[-1]
-        seg = seg_token_mask(batch.input_ids, self._seg_id(), batch.attention_mask)
+        seg = seg_token_mask(batch.input_ids, self.mask_token_id, batch.attention_mask)
         positions = [torch.nonzero(seg[b]).flatten().tolist() for b in range(seg.shape[0])]
         logits, _ = self.mask_logits(batch, hidden, positions, list(sam_images))
         outputs["mask_logits"] = logits
@@ -604,71 +611,10 @@ class READ(AddsTokens, TokenMaskHead):
         outputs["loss"] = c.ce_weight * ce + c.bce_weight * bce + c.dice_weight * dice
         return outputs
 
-    # --- inference ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def segment(
-        self,
-        wrapper,
-        images: Sequence[Any],
-        prompts: Sequence[str] | str,
-        *,
-        processor: Any = None,
-        max_new_tokens: int = 32,
-        return_text: bool = False,
-        **generate_kwargs,
-    ):
-        """Generate answers for ``prompts`` (one per image, as the processor expects them, with the image
-        marker) and return one bool mask [n_seg, H, W] per image at its original size, one per ``[SEG]``
-        in the generated text (n_seg = 0 when there is none). ``return_text=True`` returns
-        ``(masks, texts)``. ``generate_kwargs`` go to ``generate`` (greedy by default)."""
-        if processor is None:
-            raise ValueError("segment needs the model's processor: model.segment(images, prompts, processor=processor)")
-        images = list(images)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"segment takes one prompt per image, got {len(images)} images and {len(prompts)} prompts")
-        if not images:
-            return ([], []) if return_text else []
-        tok = processor.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            inputs = processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-        device = next(self.text_hidden_fcs.parameters()).device
-        inputs = inputs.to(device)
-        gen = {"do_sample": False, **generate_kwargs}
-        if tok.pad_token_id is not None:
-            gen.setdefault("pad_token_id", tok.pad_token_id)
-        out = wrapper.generate(**inputs, max_new_tokens=max_new_tokens, **gen)
-        seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        if seqs.shape[0] != len(images):
-            raise ValueError(f"segment expects one sequence per prompt, generate returned {seqs.shape[0]} for "
-                             f"{len(images)} (num_return_sequences / beams returning several are not supported)")
-        S = inputs["input_ids"].shape[1]
-        new = seqs[:, S:]
-        eos = getattr(getattr(wrapper.base_model, "generation_config", None), "eos_token_id", None)
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-        if tok.eos_token_id is not None:
-            eos_ids.add(tok.eos_token_id)
-        is_eos = torch.zeros_like(new, dtype=torch.bool)
-        for e in eos_ids:
-            is_eos |= new == e
-        gen_mask = (is_eos.long().cumsum(dim=1) == 0).long()  # tokens before the first end-of-sequence
-        texts = [tok.decode(new[b][gen_mask[b].bool()].tolist(), skip_special_tokens=True) for b in range(len(images))]
-        full_ids = torch.cat([inputs["input_ids"], new], dim=1)
-        full_mask = torch.cat([inputs["attention_mask"], gen_mask.to(inputs["attention_mask"].dtype)], dim=1)
-        image_kwargs = {k: inputs[k] for k in wrapper.family.image_kwarg_names if inputs.get(k) is not None}
-        batch = wrapper.assemble(full_ids, inputs.get("pixel_values"), full_mask, padding_side="right", **image_kwargs)
-        hidden = wrapper.run_language_model(batch, output_hidden_states=True).hidden_states[-1]
-        seg_id = self._seg_id()
-        positions = []
-        for b in range(len(images)):
-            n_kept, n_gen = int(batch.attention_mask[b].sum()), int(gen_mask[b].sum())
-            q = torch.arange(n_kept - n_gen, n_kept, device=batch.input_ids.device)
-            q = q[batch.input_ids[b, q] == seg_id]
-            positions.append((q - 1).tolist())  # the state that predicts [SEG]
-        logits, _ = self.mask_logits(batch, hidden, positions, images)
-        masks = [lg.gt(0).cpu() for lg in logits]
-        return (masks, texts) if return_text else masks
+    # --- inference (driven by vlmkit.Predictor.segment) ------------------------------------------
+    def masks_from_states(self, batch, hidden: torch.Tensor, positions: Sequence[Sequence[int]],
+                          images: Sequence[Any]) -> list[torch.Tensor]:
+        """``TokenMaskHead``: mask logits, one float32 [n_b, H_b, W_b] per sample at its image's original size,
+        from the last hidden states ``hidden`` [B, L, D] at ``positions[b]`` (the states that predict each
+        ``[SEG]``) and one image per sample (PIL / uint8 [H, W, 3]; None for a sample without ``[SEG]``)."""
+        return self.mask_logits(batch, hidden, positions, list(images))[0]

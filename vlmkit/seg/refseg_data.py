@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vlmkit.seg.text4seg import BACKGROUND, FORMATS, GRID_RANGE, encode, wrap_answer
+from vlmkit.seg.rrle import BACKGROUND, FORMATS, GRID_RANGE, encode, wrap_answer
 
 __all__ = [
     "QUESTION_PARTIAL", "ANSWER_PARTIAL", "make_question", "sanitize_label", "load_refs", "load_instances",
@@ -310,7 +310,7 @@ def refseg_to_llava(
 
     def grid_mask(ref: dict[str, Any]) -> np.ndarray:
         if ref["ann_id"] not in small:
-            from vlmkit.seg.text4seg import downsample_mask
+            from vlmkit.seg.rrle import downsample_mask
 
             img = images[ref["image_id"]]
             mask = annotation_mask(anns[ref["ann_id"]]["segmentation"], int(img["height"]), int(img["width"]))

@@ -233,7 +233,7 @@ def refine_with_sam(
     """
     import torch
 
-    from vlmkit.seg.text4seg import grid_to_mask
+    from vlmkit.seg.rrle import grid_to_mask
 
     if not predictor.is_image_set:
         raise ValueError("call predictor.set_image(image) before refine_with_sam")

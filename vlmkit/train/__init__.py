@@ -5,7 +5,7 @@
     recipe = load_recipe("lora")                       # adapters/lora.yaml, validated
     model = apply_recipe(hf_model, recipe)             # PeftModel (or frozen model) with exactly the intended trainables
     wrapped = vlmkit.wrap(model, FoPruConfig(keep_ratio=0.25))
-    finetune(FinetuneArgs(recipe="lora", model="tiny:llava", data="x.json", output="out"))
+    finetune(FinetuneArgs(recipe="lora", model="tiny:llava", data="x.json", output="out"))  # = Trainer(args).run()
     wrapped = load_finetuned("out", hf_model)          # PEFT adapter + saved vlmkit stages
 """
 
@@ -28,6 +28,7 @@ _EXPORTS = {
     "collate": "vlmkit.train.data",
     "FinetuneArgs": "vlmkit.train.loop",
     "finetune": "vlmkit.train.loop",
+    "Trainer": "vlmkit.train.trainer",
     "build_model": "vlmkit.train.loop",
     "load_base_model": "vlmkit.train.loop",
     "load_finetuned": "vlmkit.train.loop",

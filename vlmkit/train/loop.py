@@ -1,4 +1,7 @@
-"""The fine-tuning loop: a plain ``accelerate`` loop over the wrapped model, exact checkpoints and resume.
+"""``vlmkit finetune``: its arguments and entry point, the pure functions of the step, model loading and outputs.
+
+The loop itself is ``vlmkit.train.trainer.Trainer`` (setup, resume, step, save); ``finetune(args)`` runs it.
+It is a plain ``accelerate`` loop over the wrapped model, with exact checkpoints (``checkpoint.py``) and resume.
 
 The model trained is ``vlmkit.wrap(apply_recipe(hf_model, recipe), *stages)``: compression, position
 schemes and heads are active while training, the adapter stays a plain PEFT adapter of the HF model.
@@ -15,12 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import random
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -215,167 +215,18 @@ def _file_digest(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop
+# The entry point
 # ------------------------------------------------------------------------------------------------
 
 
 def finetune(args: FinetuneArgs) -> dict[str, Any]:
-    """Run a fine-tuning job; returns a summary (also written to ``OUTPUT/finetune.json`` by the main process)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    """Run a fine-tuning job; returns a summary (also written to ``OUTPUT/finetune.json`` by the main process).
 
-    from .data import SupervisedDataset, collate, load_conversations, pad_token_id
-    from .recipes import load_recipe
+    ``Trainer(args).run()`` (``vlmkit.train.trainer``): setup, resume (with ``args.resume``), train, finish.
+    """
+    from .trainer import Trainer  # trainer.py builds on this module's functions
 
-    check_launch_env()
-    recipe = load_recipe(args.recipe)
-    d = recipe.defaults
-    lr = args.lr if args.lr is not None else d.lr
-    batch_size = args.batch_size if args.batch_size is not None else d.batch_size
-    epochs = args.epochs if args.epochs is not None else d.epochs
-    max_steps = args.max_steps if args.max_steps is not None else d.max_steps
-    save_every = args.save_every if args.save_every is not None else d.save_every
-    max_length = args.max_length if args.max_length is not None else d.max_length
-    for name, value in (("batch size", batch_size), ("epochs", epochs)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
-    if lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
-    conversations = load_conversations(args.data, args.image_folder)  # fail fast, before loading a model
-
-    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    out = Path(args.output)
-    existing = ckpt.list_checkpoints(out)
-    if existing and not args.resume:
-        if not args.overwrite:
-            raise ValueError(f"{out} already holds checkpoints ({existing[-1].name}); pass --resume to continue "
-                             "that run or --overwrite to start over")
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(out / ckpt.CHECKPOINTS, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    seed_everything(args.seed)  # identical on every rank: same LoRA init everywhere
-    hf_model, processor = load_base_model(args.model, recipe, accelerator.device)
-    wrapped, notes = build_model(hf_model, recipe, args.wrap, tokenizer=processor.tokenizer)
-    wrapped.train()
-    named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError(f"{recipe.source}: nothing to train on this model")
-    params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(d.betas), weight_decay=d.weight_decay)
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and (save_every or args.resume):
-        raise ValueError("exact-resume checkpoints (--save-every / --resume) support single-process and DDP runs; "
-                         "under FSDP / DeepSpeed parameters and optimizer state are sharded (see adapters/README.md)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader to infer it from
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
-    model, aopt = accelerator.prepare(wrapped, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    dataset = SupervisedDataset(conversations, processor, args.template, max_length)
-    unused = unused_mask_keys(wrapped, dataset)
-    n = len(dataset)
-    per_epoch = steps_per_epoch(n, batch_size * world)
-    total = max_steps if max_steps is not None else epochs * per_epoch
-    warmup = math.ceil(d.warmup_ratio * total)
-    data_digest = _file_digest(args.data)
-    facts = {"seed": args.seed, "num_records": n, "batch_size": batch_size, "world_size": world,
-             "data_sha256": data_digest, "recipe": recipe.name, "total_steps": total}
-
-    seed_everything(args.seed + 7919 * (rank + 1))  # per-rank dropout streams
-    start = 0
-    if args.resume:
-        last = ckpt.latest_checkpoint(out)
-        if last is not None:
-            state = ckpt.read_state(last)
-            changed = {k: (state.get(k), v) for k, v in facts.items() if k != "total_steps" and state.get(k) != v}
-            if changed:
-                raise ValueError(f"--resume from {last}: the run differs from the checkpoint in {changed} "
-                                 "(saved, now); the data order would not be replayed")
-            ckpt.load_checkpoint(last, unwrapped, optimizer, rank)
-            start = int(state["global_step"])
-            notes.append(f"resumed from {last} at step {start}")
-        else:
-            notes.append(f"--resume: no checkpoint in {out / ckpt.CHECKPOINTS}; starting at step 0")
-
-    log_path = out / TRAIN_LOG
-    if main:
-        kept = []
-        if start and log_path.is_file():
-            kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-        if not args.quiet:
-            for note in notes:
-                print(f"vlmkit finetune: {note}")
-            trainable = sum(p.numel() for p in params)
-            print(f"vlmkit finetune: recipe {recipe.name}, {trainable:,} trainable parameters, {n} records, "
-                  f"{total} steps × {batch_size} × {world} process(es)")
-
-    def state_at(step: int) -> dict[str, Any]:
-        epoch, position = divmod(step, per_epoch)
-        return {"global_step": step, "epoch": epoch, "batch_in_epoch": position, "steps_per_epoch": per_epoch, **facts}
-
-    pad_id = pad_token_id(processor)
-    bar = tqdm(total=total, initial=start, disable=args.quiet or not main, desc="finetune", dynamic_ncols=True)
-    t0 = time.time()
-    last_loss = float("nan")
-    with open(log_path, "a") if main else open(os.devnull, "w") as log:
-        for step in range(start, total):
-            idx = batch_indices(step, n, batch_size, world, rank, args.seed)
-            batch = collate([dataset[i] for i in idx], pad_id)
-            batch = {k: _to_device(v, accelerator.device) for k, v in batch.items() if k not in unused}
-            factor = lr_factor(step, total, warmup, d.scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * factor
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if d.max_grad_norm and d.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, d.max_grad_norm)
-            aopt.step()
-            aopt.zero_grad(set_to_none=True)
-            last_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            done = step + 1
-            if main:
-                log.write(json.dumps({"step": done, "loss": last_loss, "lr": lr * factor, "epoch": step // per_epoch}) + "\n")
-                log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            if save_every and done % save_every == 0 and done < total:
-                ckpt.save_checkpoint(out, done, unwrapped, optimizer, state_at(done), rank, main,
-                                     accelerator.wait_for_everyone, args.keep_checkpoints)
-    bar.close()
-    if not sharded and (start < total or not ckpt.list_checkpoints(out)):
-        ckpt.save_checkpoint(out, total, unwrapped, optimizer, state_at(total), rank, main,
-                             accelerator.wait_for_everyone, args.keep_checkpoints)
-    if args.save_rank_weights:
-        (out / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-        ckpt._save(ckpt.trainable_state(unwrapped), out / RANKS_DIR / f"rank{rank}.safetensors")
-    summary = {
-        "format": "vlmkit-finetune", "version": 1, "recipe": recipe.to_dict(), "recipe_file": recipe.source,
-        "model": args.model, "data": os.path.abspath(args.data), "stages": list(args.wrap),
-        "args": dataclasses.asdict(args), "lr": lr, "steps": total, "resumed_from": start,
-        "final_loss": last_loss, "world_size": world, "notes": notes, "seconds": round(time.time() - t0, 3),
-        "trainable_parameters": sum(p.numel() for p in params),
-        "quantized_linear_layers": _count_4bit(unwrapped),
-    }
-    accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(model) if sharded else None  # collective: gathers the shards
-    if main:
-        save_outputs(out, unwrapped, recipe, processor, full_state)
-        with open(out / FINETUNE_META, "w") as f:
-            json.dump(summary, f, indent=2)
-        if not args.quiet:
-            print(f"vlmkit finetune: wrote {out} (final loss {last_loss:.4f})")
-    accelerator.wait_for_everyone()
-    return summary
+    return Trainer(args).run()
 
 
 def _count_4bit(model) -> int:

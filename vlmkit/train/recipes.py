@@ -1,10 +1,10 @@
 """PEFT recipes (``adapters/*.yaml``): which modules get LoRA / QLoRA / DoRA, which are trained in full.
 
-A recipe names model *parts*, resolved per family on the loaded model (transformers 5.x layout of
-``LlavaForConditionalGeneration`` / ``InternVLForConditionalGeneration``):
+A recipe names model *parts*, resolved by the family of the model being tuned:
 
-- ``projector`` → ``model.multi_modal_projector``, ``vision_tower`` → ``model.vision_tower``,
-  ``language_model`` → ``model.language_model``,
+- ``projector``, ``vision_tower``, ``language_model`` → ``Family.part_paths`` of the model's family (the
+  transformers 5.x module paths, e.g. ``model.multi_modal_projector`` for LLaVA / InternVL,
+  ``model.connector`` for SmolVLM, ``model.visual.merger`` for Qwen2.5-VL),
 - ``embeddings`` → the module ``get_input_embeddings()`` returns, ``lm_head`` → ``get_output_embeddings()``.
 
 Any other entry must be a dotted module path of the model (``model.language_model.norm``). LoRA goes
@@ -26,13 +26,10 @@ from torch import nn
 
 RECIPE_DIRS_ENV = "VLMKIT_ADAPTERS"  # extra folders (os.pathsep-separated) searched for recipes by name
 
-# part alias -> module path under the HF model (the two embeddings are found by identity instead)
-PART_PATHS: dict[str, str] = {
-    "projector": "model.multi_modal_projector",
-    "vision_tower": "model.vision_tower",
-    "language_model": "model.language_model",
-}
-PARTS = ("projector", "vision_tower", "language_model", "embeddings", "lm_head")
+# part aliases whose module path the model's family knows (``Family.part_paths``); the two embeddings are
+# found by identity instead
+MODULE_PARTS = ("projector", "vision_tower", "language_model")
+PARTS = (*MODULE_PARTS, "embeddings", "lm_head")
 METHODS = ("lora", "freeze")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -246,8 +243,8 @@ def _check_values(r: Recipe) -> None:
         if q.compute_dtype != "auto" and q.compute_dtype not in DTYPES:
             raise _fail(s, "quantization.compute_dtype", f"unknown {q.compute_dtype!r}; accepted: ['auto', {', '.join(map(repr, DTYPES))}]")
         for i, part in enumerate(q.modules):
-            if part not in PART_PATHS:
-                raise _fail(s, f"quantization.modules[{i}]", f"unknown part {part!r}; accepted: {list(PART_PATHS)}")
+            if part not in MODULE_PARTS:
+                raise _fail(s, f"quantization.modules[{i}]", f"unknown part {part!r}; accepted: {list(MODULE_PARTS)}")
     d = r.defaults
     if d.scheduler not in SCHEDULERS:
         raise _fail(s, "defaults.scheduler", f"unknown {d.scheduler!r}; accepted: {list(SCHEDULERS)}")
@@ -325,6 +322,33 @@ def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
+def part_paths(model_type: str | None = None) -> dict[str, list[str]]:
+    """Part alias → module paths (``Family.part_paths``) of the family of ``model_type``, or of every
+    registered family when None (quantizing while loading, before the model exists: the families' paths do
+    not collide, so the union matches each family's own paths)."""
+    from ..families.registry import family_class, supported_families
+
+    types = supported_families() if model_type is None else [model_type]
+    out: dict[str, list[str]] = {part: [] for part in MODULE_PARTS}
+    for t in types:
+        for part, path in family_class(t).part_paths.items():
+            if path not in out[part]:
+                out[part].append(path)
+    return out
+
+
+def _family_part_path(model: nn.Module, part: str, source: str) -> str:
+    """Module path of a ``MODULE_PARTS`` alias in ``model``, from the model's family."""
+    from ..families import family_for
+
+    try:
+        family = family_for(model)
+    except ValueError as err:
+        raise ValueError(f"{source}: part {part!r} is resolved by the model's vlmkit family: {err}; "
+                         "name a dotted module path instead") from None
+    return family.part_paths[part]
+
+
 def resolve_part(model: nn.Module, part: str, source: str = "<recipe>") -> str:
     """Module path (relative to the HF model) of a part alias or a dotted path; ValueError listing what exists."""
     modules = dict(model.named_modules())
@@ -332,8 +356,10 @@ def resolve_part(model: nn.Module, part: str, source: str = "<recipe>") -> str:
         path = _path_of(model, model.get_input_embeddings())
     elif part == "lm_head":
         path = _path_of(model, model.get_output_embeddings())
+    elif part in MODULE_PARTS:
+        path = _family_part_path(model, part, source)
     else:
-        path = PART_PATHS.get(part, part)
+        path = part
     if path is None or path not in modules:
         top = sorted({n.rsplit(".", 1)[0] if n.count(".") >= 2 else n for n in modules if n and n.count(".") <= 1})
         raise ValueError(
@@ -393,13 +419,16 @@ def _compute_dtype(spec: QuantSpec, model: nn.Module) -> torch.dtype:
     return DTYPES[spec.compute_dtype]
 
 
-def quantization_skip_modules(recipe: Recipe) -> list[str]:
+def quantization_skip_modules(recipe: Recipe, model_type: str | None = None) -> list[str]:
     """Module paths ``from_pretrained`` keeps unquantized (``llm_int8_skip_modules``): the parts not
-    under ``quantization.modules``, the fully trained parts and ``lm_head``."""
+    under ``quantization.modules``, the fully trained parts and ``lm_head``. Part aliases resolve through
+    the family of ``model_type`` (``config.model_type`` of the checkpoint), or every family's paths if None."""
     q = recipe.quantization
     assert q is not None
-    skip = {path for alias, path in PART_PATHS.items() if alias not in q.modules}
-    skip |= {PART_PATHS.get(p, p) for p in recipe.train if p in PART_PATHS or "." in p}
+    paths = part_paths(model_type)
+    skip = {path for alias in MODULE_PARTS if alias not in q.modules for path in paths[alias]}
+    skip |= {path for p in recipe.train if p in MODULE_PARTS for path in paths[p]}
+    skip |= {p for p in recipe.train if p not in MODULE_PARTS and "." in p}
     skip.add("lm_head")
     return sorted(skip)
 

@@ -43,7 +43,7 @@ def refseg_turn(sample: ShapesSample, rng: np.random.Generator, grid: int = GRID
     """(question, answer, object index) of a referring expression (``ref_index``, else a random one),
     answer in Text4Seg R-RLE."""
     from ..seg.refseg_data import ANSWER_PARTIAL, QUESTION_PARTIAL
-    from ..seg.text4seg import encode_rrle, mask_to_labels, wrap_answer
+    from ..seg.rrle import encode_rrle, mask_to_labels, wrap_answer
 
     ref = sample.refs[int(rng.integers(len(sample.refs))) if ref_index is None else ref_index]
     expr = ref["sentence"]
@@ -112,7 +112,7 @@ def row_slots(ids: torch.Tensor, turns: list[tuple[str, str]], tokenizer, grid: 
     then the first ``grid - 1`` ``\\n`` tokens after it) and targets [R·grid, grid] (1 = the cell belongs
     to the referred object), decoded from the answer text itself.
     """
-    from ..seg.text4seg import SEG_START, decode_answer, labels_to_mask
+    from ..seg.rrle import SEG_START, decode_answer, labels_to_mask
 
     answers = [a for _, a in turns if SEG_START in a]
     if not answers:

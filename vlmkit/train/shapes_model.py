@@ -257,9 +257,10 @@ def evaluate(model, processor, n: int = 200, seed: int = 1, batch_size: int = 32
     from tqdm.auto import tqdm
 
     from ..evaluation.metrics import refer_seg_scores
-    from ..seg.text4seg import decode_answer, grid_to_mask
+    from ..families import family_for
+    from ..seg.rrle import decode_answer, grid_to_mask
 
-    samples = generate(n, seed=seed, size=model.config.vision_config.image_size)
+    samples = generate(n, seed=seed, size=family_for(model).image_size[0])
     rng = np.random.default_rng(seed)
     qa = [(s, q) for s in samples for q in s.questions]
     correct: dict[str, list[float]] = {}

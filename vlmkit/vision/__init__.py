@@ -1,1 +1,1 @@
-"""Vision-side stages: the SEED image tokenizer (``seed/``) and MouSi poly-visual experts (``experts.py``)."""
+"""Vision-side stages: the SEED image tokenizer (``seed/``) and MouSi poly-visual experts (``experts/``)."""

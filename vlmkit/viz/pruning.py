@@ -64,11 +64,10 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output PNG")
     args = parser.parse_args(argv)
 
-    import torch
     from PIL import Image
 
     import vlmkit
-    from vlmkit.testing import image_prompt, tiny_vlm
+    from vlmkit.testing import tiny_vlm
 
     if args.model:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -83,10 +82,9 @@ def cli_main(argv: list[str]) -> int:
     except ValueError as err:
         parser.error(str(err))
     image = Image.open(args.image).convert("RGB")
-    batch = processor(images=[image], text=[image_prompt(processor, "describe the image")], return_tensors="pt")
-    with torch.no_grad():
-        tokens = wrapped.encode_visual(batch["pixel_values"], batch["input_ids"])
-    seen = _seen_image(batch["pixel_values"][0], processor.image_processor)
+    tokens = vlmkit.Predictor(wrapped, processor, prompt_style="plain").visual_tokens([image])
+    pixel_values = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    seen = _seen_image(pixel_values.reshape(-1, *pixel_values.shape[-3:])[0], processor.image_processor)
     pruning_map(seen, tokens[0]).save(args.out)
     print(f"kept {tokens[0].num_tokens} of {tokens[0].num_uncompressed} visual tokens "
           f"({args.strategy}, grid {tokens[0].grid}) -> {args.out}")

@@ -72,9 +72,10 @@ Design choices not fixed by the reference (written down here):
   not tied, or the model cannot learn to *write* image tokens); ``modules_to_save=["embed_tokens",
   "lm_head"]`` (the reference's choice) trains the full matrices. Both work through ``VLMWrapper``.
 - **Generation.** :class:`SeedImageLogitsProcessor` constrains decoding: ``num_queries`` steps after the
-  last BOI allow only image tokens, the next step allows only EOI. ``generate_image_tokens`` appends BOI
-  to the prompt and decodes exactly ``num_queries`` tokens with it.
-- **Role.** SEED is a ``"head"`` stage: it changes nothing in the image-placeholder pipeline; an image
+  last BOI allow only image tokens, the next step allows only EOI.
+  ``vlmkit.Predictor(wrapped, processor).generate_image_tokens(prompt)`` appends BOI to the prompt
+  (``SEED.image_prompt``) and decodes exactly ``num_queries`` tokens with it (``SEED.codes_from_tokens``).
+- **Role.** SEED is a ``"vocabulary"`` stage (``vlmkit.stage.ImageTokenStage``): it changes nothing in the image-placeholder pipeline; an image
   enters the LM as its discrete tokens in ``input_ids`` (``SEED.image_token_ids``), which the wrapped
   model embeds with its own (resized) embedding table. The stage's features skip the other stages
   (compressors, vision contexts): SEED tokenizes the uncompressed image.

@@ -38,6 +38,7 @@ class SEEDConfig(StageConfig):
     """
 
     type = "seed"
+    display_name = "SEED"
     num_queries: int = 32
     codebook: int = 8192
     code_dim: int = 32

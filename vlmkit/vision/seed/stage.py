@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import register_stage
-from vlmkit.stage import VocabularyStage
+from vlmkit.stage import ImageTokenStage
 
 from .config import SEEDConfig, image_token_strings, resolve_markers
 from .tokenizer import LMTextEmbedder, SeedTokenizer, _set_plain
@@ -128,9 +128,13 @@ class _FamilyFeatures:
 
 
 @register_stage(SEEDConfig)
-class SEED(VocabularyStage):
+class SEED(ImageTokenStage):
     """SEED in the language model: the tokenizer over the wrapped model's frozen features, the image
     tokens in its vocabulary, reading images as tokens and generating them (see the module docstring).
+
+    An ``ImageTokenStage``: ``vlmkit.Predictor(wrapped, processor).generate_image_tokens(prompt)`` asks the
+    model for an image (``image_prompt`` appends BOI, ``image_logits_processor`` keeps the next
+    ``num_image_tokens`` tokens image codes, ``codes_from_tokens`` maps them to codes).
 
     Built by ``vlmkit.wrap(model, SEEDConfig(...), tokenizer=tok)``; ``visual_tokenizer`` (the
     :class:`SeedTokenizer`, its weights are this stage's) exists after ``attach`` and ``token_ids`` after
@@ -250,62 +254,49 @@ class SEED(VocabularyStage):
         the LM width)."""
         return LMTextEmbedder(tokenizer, self._embedding_for_text)
 
-    @torch.no_grad()
-    def generate_image_tokens(self, wrapper, prompt: Any, attention_mask: torch.Tensor | None = None,
-                              **generate_kwargs) -> torch.Tensor:
-        """Codes [B, num_queries] the LM writes after ``prompt`` (text, list of texts, or left-padded ids [B, S]).
+    # --- ImageTokenStage: generation through vlmkit.Predictor.generate_image_tokens ---------------------
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens of one image: ``config.num_queries``."""
+        return self.config.num_queries
 
-        BOI is appended to each prompt (unless it already ends with it) and exactly ``num_queries`` tokens
-        are decoded under :class:`SeedImageLogitsProcessor`, so every code is a valid image token.
-        ``generate_kwargs`` go to ``wrapper.generate`` (``pixel_values`` for multimodal prompts,
-        ``do_sample``, …); decode the result with :meth:`decode`.
-        """
-        from transformers import LogitsProcessorList
-
+    def image_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids / mask [B, S] → [B, S + 1] ending with BOI (unchanged [B, S] when every
+        prompt already ends with it). ValueError for a mask of another shape, right padding (a row whose last
+        token is padding) or a batch where only some prompts end with BOI."""
         t = self._ids()
-        Q = self.config.num_queries
-        if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)):
-            tok = getattr(wrapper, "tokenizer", None)
-            if tok is None:
-                raise ValueError("a text prompt needs the tokenizer given to vlmkit.wrap(..., tokenizer=tok)")
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
-            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
-        else:
-            input_ids = torch.as_tensor(prompt)
-            if input_ids.dim() == 1:
-                input_ids = input_ids[None]
-            if input_ids.dim() != 2:
-                raise ValueError(f"prompt ids must be [B, S], got shape {tuple(input_ids.shape)}")
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match the prompt "
                              f"{tuple(input_ids.shape)}")
         if not bool((attention_mask[:, -1] == 1).all()):
             raise ValueError("prompts must be left-padded (every row's last token real) to append BOI")
-        device = self.visual_tokenizer.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         ends = input_ids[:, -1] == t.boi_id
         if bool(ends.any()) and not bool(ends.all()):
             raise ValueError("either every prompt or none may end with BOI")
         if not bool(ends.all()):
             input_ids = torch.cat([input_ids, torch.full_like(input_ids[:, :1], t.boi_id)], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        # after_boi: every prompt ends with BOI, and generate may show the processor only the new tokens
-        processors = LogitsProcessorList([self.logits_processor(force_eoi=True, after_boi=True)])
-        extra = generate_kwargs.pop("logits_processor", None)
-        if extra:
-            processors.extend(extra)
-        for name in ("max_new_tokens", "min_new_tokens"):
-            value = generate_kwargs.pop(name, Q)
-            if value != Q:
-                raise ValueError(f"generate_image_tokens decodes exactly num_queries={Q} tokens, got {name}={value}")
-        generate_kwargs.setdefault("do_sample", False)
-        out = wrapper.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
-                               max_new_tokens=Q, min_new_tokens=Q, **generate_kwargs)
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        codes = sequences[:, -Q:] - t.first_image_id
-        if codes.shape[1] != Q or int(codes.min()) < 0 or int(codes.max()) >= t.codebook:
-            raise RuntimeError(f"generation returned non-image tokens: {sequences[:, -Q:].tolist()}")
+        return input_ids, attention_mask
+
+    def image_logits_processor(self) -> SeedImageLogitsProcessor:
+        """Only image codes for the next ``num_queries`` tokens, then EOI. ``after_boi``: every prompt ends with
+        BOI, and ``generate`` from ``inputs_embeds`` may show the processor only the new tokens."""
+        return self.logits_processor(force_eoi=True, after_boi=True)
+
+    def codes_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Generated image tokens [B, num_queries] → codes [B, num_queries] (``id - first_image_id``).
+
+        ValueError (the ``ImageTokenStage`` contract) naming the tokens when they are not ``num_queries`` image
+        codes per row, e.g. generation without :meth:`image_logits_processor`.
+        """
+        t = self._ids()
+        Q = self.config.num_queries
+        tokens = torch.as_tensor(tokens)
+        codes = tokens - t.first_image_id
+        bad = tokens.dim() != 2 or tokens.shape[1] != Q
+        if not bad and codes.numel():
+            bad = int(codes.min()) < 0 or int(codes.max()) >= t.codebook
+        if bad:
+            raise ValueError(f"not image tokens: expected [B, {Q}] ids in [{t.first_image_id}, "
+                             f"{t.first_image_id + t.codebook}) (the SEED codes), got {tokens.tolist()}")
         return codes

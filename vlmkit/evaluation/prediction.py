@@ -1,0 +1,134 @@
+"""Running the model on one batch of docs: prompt text, generation settings, answers and masks.
+
+The model calls go through ``vlmkit.Predictor`` (left-padded batches, token statistics from the batch the
+language model really saw, masks from the head that declares ``mask_output``). This module adds what the
+harness needs around it: lmms-eval style generation settings (``--gen-kwargs`` text, ``temperature: 0`` =
+greedy, ``until`` stop strings) and the per-sample result dicts the runner scores and writes::
+
+    {"raw": decoded answer, "output": raw cut at ``until``, "visual_tokens", "prefill_tokens",
+     "generated_tokens"[, "masks": bool [n, H, W] from ``segment_batch``]}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+
+__all__ = ["build_input_text", "parse_gen_kwargs", "apply_until", "generate_batch", "segment_batch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt text and generation settings
+# ---------------------------------------------------------------------------------------------
+
+
+def build_input_text(processor: Any, text: str, style: str = "auto", n_images: int = 1) -> str:
+    """The text the processor gets for one sample with ``n_images`` images: ``vlmkit.predictor.build_prompt``
+    (``"chat"``: the chat template; ``"plain"``: ``"user : <image> {text} assistant :"``; ``"auto"``: chat when
+    the processor has a template). Imported lazily so that importing the harness does not import torch."""
+    from ..predictor import build_prompt
+
+    return build_prompt(processor, text, style, n_images)
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_gen_kwargs(text: str | dict | None) -> dict[str, Any]:
+    """``"max_new_tokens=8,temperature=0"`` → dict (values parsed as YAML); dicts pass through."""
+    from .tasks import GENERATION_KEYS
+
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        out = dict(text)
+    else:
+        out = {}
+        for part in text.split(","):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise ValueError(f"--gen-kwargs expects key=value pairs separated by commas, got {part!r}")
+            out[key.strip()] = _yaml_value(value.strip())
+    for key in out:
+        if key not in GENERATION_KEYS:
+            raise ValueError(f"unknown generation kwarg {key!r}; accepted: {list(GENERATION_KEYS)}")
+    return out
+
+
+def _generate_kwargs(gen: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """A task's ``generation_kwargs`` (lmms-eval style) → ``generate`` kwargs: ``until`` dropped, 32 new tokens
+    by default, ``temperature: 0`` = greedy, sampling settings dropped when greedy, the tokenizer's pad id."""
+    out = {k: v for k, v in gen.items() if k != "until"}
+    out.setdefault("max_new_tokens", 32)
+    if out.get("temperature", None) == 0:
+        out.pop("temperature")
+        out["do_sample"] = False
+    out.setdefault("do_sample", False)
+    out.setdefault("num_beams", 1)
+    if not out["do_sample"]:
+        for k in ("temperature", "top_p", "top_k"):
+            out.pop(k, None)
+    if tokenizer.pad_token_id is not None:
+        out["pad_token_id"] = tokenizer.pad_token_id
+    return out
+
+
+def apply_until(text: str, until: Sequence[str] | str | None) -> str:
+    """Cut ``text`` at the first occurrence of each stop string (lmms-eval's ``until``)."""
+    if not until:
+        return text
+    for term in [until] if isinstance(until, str) else until:
+        if term:
+            text = text.split(term)[0]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _result(pred, until) -> dict[str, Any]:
+    return {"raw": pred.text, "output": apply_until(pred.text, until), "visual_tokens": int(pred.visual_tokens),
+            "prefill_tokens": int(pred.prefill_tokens), "generated_tokens": int(pred.generated_tokens)}
+
+
+def generate_batch(
+    loaded: "LoadedModel", images: Sequence[Any], texts: Sequence[str], gen: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Generate for one batch (one image list per sample, left-padded; ``texts`` already formatted, e.g. by
+    ``build_input_text``) → per sample ``{"raw", "output" (after ``until``), "visual_tokens",
+    "prefill_tokens", "generated_tokens"}``.
+
+    Token counts come from the ``AssembledBatch`` the wrapper really feeds the language model
+    (``Predictor.answer``); ``generated_tokens`` counts up to and with the first end-of-sequence.
+    """
+    predictor = loaded.predictor
+    preds = predictor.answer(list(images), list(texts), **_generate_kwargs(gen, predictor.tokenizer))
+    return [_result(p, gen.get("until")) for p in preds]
+
+
+def segment_batch(
+    loaded: "LoadedModel", images: Sequence[Any], texts: Sequence[str], gen: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Like ``generate_batch`` for a model with a head that makes masks from mask tokens (``mask_output ==
+    "token"``, e.g. READ): answers and masks come from ``Predictor.segment`` and each result also holds
+    ``"masks"`` (bool [n, H, W] at the image's size, one per mask token). ``raw`` is the answer up to the
+    first end-of-sequence and ``generated_tokens`` its length."""
+    if loaded.mask_head is None:
+        raise ValueError("this task's parser needs masks from a mask-producing head (e.g. vlmkit.READConfig); "
+                         "the evaluated model has none")
+    nested = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    if any(len(n) != 1 for n in nested):
+        raise ValueError("mask-producing heads take exactly one image per sample")
+    predictor = loaded.predictor
+    preds = predictor.segment([n[0] for n in nested], list(texts), **_generate_kwargs(gen, predictor.tokenizer))
+    return [{**_result(p, gen.get("until")), "masks": p.masks} for p in preds]
