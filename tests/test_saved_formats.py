@@ -75,3 +75,4 @@ def test_unknown_format_version_is_refused(tmp_path):
     (tmp_path / "save" / "vlmkit.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format version 7"):
         vlmkit.load(tiny_vlm("llava", seed=0)[0], tmp_path / "save")
+

@@ -42,6 +42,8 @@ def register_stage(config_cls: type["StageConfig"]):
         name = config_cls.type
         if not isinstance(name, str) or not name:
             raise ValueError(f"{config_cls.__name__} sets no 'type'")
+        if not stage_cls.__module__.startswith(tuple(p + "." for p in STAGE_PACKAGES)):
+            _discover()  # a stage from outside: the built-in names must be known before it may take one
         known = _REGISTRY.get(name)
         if known is not None and (_qualname(known[0]), _qualname(known[1])) != (_qualname(config_cls), _qualname(stage_cls)):
             raise ValueError(f"stage type {name!r} is already registered to {_qualname(known[1])}; "
