@@ -1,9 +1,9 @@
 """Hand-worked checks of vlmkit.evaluation.metrics against the reference behaviours.
 
-Every expected value below is computed by hand from the reference notes
-(reference/metrics_and_ecosystem.md §1.1, §2, "Exactness notes"; reference/seg_seed.md §2.3) or from the
-reference source they cite. Float scores are compared with a tolerance (the notes: "Float sums depend on
-summation order").
+Every expected value below is computed by hand from the reference sources (GT-Vision-Lab/VQA ``vqaEval.py``,
+lmms-eval v0.7.2, VLMEvalKit, LLaVA ``llava/eval/``, LISA ``train_ds.py::validate`` +
+``utils/utils.py::intersectionAndUnionGPU``, mmsegmentation ``IoUMetric``, detectron2 ``SemSegEvaluator``).
+Float scores are compared with a tolerance (float sums depend on summation order).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vlmkit.evaluation.metrics import (
 approx = pytest.approx
 
 # ---------------------------------------------------------------------------------------------
-# VQA normalisation: §2.1 worked examples (official processDigitArticle(processPunctuation(s)))
+# VQA normalisation: worked examples (official vqaEval.py processDigitArticle(processPunctuation(s)))
 # ---------------------------------------------------------------------------------------------
 
 
@@ -408,7 +408,7 @@ def test_lisa_epsilons():
     assert iou[0] < 1.0 and iou[0] == approx(3 / (3 + 1e-5), rel=1e-6)
     m100 = np.ones((10, 10), np.uint8)
     iou100 = per_sample_iou([m100], [m100])[0]
-    assert 0.9999998 < iou100 < 1.0  # the notes' "~0.9999999" (float32 nearest to 100/100.00001)
+    assert 0.9999998 < iou100 < 1.0  # LISA's "~0.9999999" (float32 nearest to 100/100.00001)
     # float32 consequence: for unions >= 256 px the 1e-5 is below float32 resolution -> exactly 1.0.
     m300 = np.ones((10, 30), np.uint8)
     assert per_sample_iou([m300], [m300])[0] == 1.0

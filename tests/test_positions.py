@@ -97,7 +97,7 @@ def test_v2pe_layouts_match_reference_in_one_padded_batch(name, stride):
 
 
 def test_v2pe_hand_values():
-    # a a a <img> v×256 </img> b …, stride 64: δ = 1/4; </img> at L + stride + 1 (reference notes).
+    # a a a <img> v×256 </img> b …, stride 64: δ = 1/4; </img> at L + stride + 1 (V2PE get_rope_pos_id).
     got = ours(LAYOUTS["text_image_text"], 64)[0]
     assert got[:5].tolist() == [0, 1, 2, 3, 3.25]
     assert got[3 + 256].item() == 3 + 64  # last visual token

@@ -1,6 +1,6 @@
 """READ / LISA ``[SEG]`` head on a tiny LLaVA and a tiny SAM.
 
-Independent facts used: hand-worked similarity maps and their points (reference/seg_seed.md §2.4 rules),
+Independent facts used: hand-worked similarity maps and their points (READ ``similarity_map_to_points`` rules),
 the reference's per-point loop for the continuous refinement, RandomPrune's seeded draw (recomputed
 here), LISA's loss formulas evaluated by hand, direct calls of SAM's own prompt encoder and mask decoder,
 teacher-forced ``forward`` vs. ``segment``, batch-N vs. batch-1, save → load round trips, and the

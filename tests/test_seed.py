@@ -3,7 +3,7 @@ checkpoints, and SEED tokens inside wrapped tiny LLaVA / InternVL models.
 
 Independent facts used: brute-force nearest codes (torch.cdist), the legacy VQ loss written out by hand,
 perturbation of later queries (causality), key names and shapes of the reference ``seed_quantizer.pt``
-classes (reference/seg_seed.md §5.1-5.2, ``models/seed_qformer/qformer_quantizer.py``), sizes counted
+classes (``AILab-CVC/SEED`` @ 93b3cf4 ``models/seed_qformer/qformer_quantizer.py``), sizes counted
 before/after wrapping, step-by-step greedy decoding restricted to the image tokens, round trips.
 """
 

@@ -1,7 +1,8 @@
 """Text4Seg codec, decoding repairs, referring-segmentation data conversion, the head stage, overlays.
 
-Independent facts used: the worked strings of reference/seg_seed.md §1.2, hand-written encodings,
-PIL's NEAREST sampling rule, pycocotools 2.0.11 outputs recorded as RLE strings, round trips.
+Independent facts used: worked strings in Text4Seg's ``encode_mask`` format (``mc-lan/Text4Seg`` @ d6540b6),
+hand-written encodings, PIL's NEAREST sampling rule, pycocotools 2.0.11 outputs recorded as RLE strings,
+round trips.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def blob_grid(h=16, w=16, label="dog", rows=(4,), cols=(5, 12)):
 
 
 # ---------------------------------------------------------------------------------------------
-# Worked examples (reference notes §1.2 / §1.3)
+# Worked examples (Text4Seg ``encode_mask`` / ``decode_mask`` + ``translate_sequence``)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """FoPru (Jiang et al., arXiv 2411.14164): training-free pruning by the attention each patch receives in the
 vision encoder, with a global (``rank``) or whole-row (``row``) strategy; kept tokens keep raster order.
 
-There is no public reference code; the choices below follow reference/compression_pe.md §2 and are fixed
-here (the notes mark them [2nd]/[recon]):
+There is no public reference code; the choices below follow the FoPru paper's method description where it
+is explicit, and are otherwise not fixed by the paper and chosen here:
 
 - Layer: ``layer=None`` scores the vision layer whose *output* is the features the model uses
   (``family.feature_layer_index``: LLaVA's ``vision_feature_layer`` -2 → ``vision_layers[-2]``, i.e. layer

@@ -1,8 +1,8 @@
 """PVC (Yang et al., CVPR 2025, arXiv 2412.09613): Progressive Visual token Compression. **A trainable stage,
 not training-free**: its new parameters must be fine-tuned (PEFT ``modules_to_save``) before it helps.
 
-Reimplemented from the paper description (reference/compression_pe.md §3; the released model code is
-remote code for transformers 4.37). What this module does:
+Reimplemented from the paper description (``OpenGVLab/PVC`` @ 3a031d2 has no model code; the released model
+code is remote code for transformers 4.37 in HF ``OpenGVLab/PVC-InternVL2-8B``). What this module does:
 
 - Frames: an image (each tile of it) becomes a static video of ``frames`` identical frames. A real
   video's frames are used as they are: ``forward`` / ``generate`` take ``video_frames`` (frames per

@@ -1,8 +1,10 @@
 """Benchmark metrics that reproduce the reference implementations number for number, quirks included.
 
 Users compare vlmkit numbers with published ones, so every function here mirrors a specific piece of
-reference code (named in its docstring). The long story, with worked examples, is in
-``reference/metrics_and_ecosystem.md`` (§1.1, §2 and "Exactness notes") and ``reference/seg_seed.md`` (§2.3).
+reference code (named in its docstring): GT-Vision-Lab/VQA @ a013f00
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, lmms-eval v0.7.2 (@ 75571cf) ``lmms_eval/tasks/``,
+VLMEvalKit @ e8e78f0, LLaVA ``llava/eval/``, LISA @ 3cb2d43 ``train_ds.py::validate`` +
+``utils/utils.py::intersectionAndUnionGPU``, mmsegmentation ``IoUMetric`` and detectron2 ``SemSegEvaluator``.
 
 * VQA soft accuracy: ``normalize_vqa_answer``, ``vqa_accuracy`` (official ``vqaEval.py`` + the lmms-eval,
   M4C/LLaVA and VLMEvalKit variants).
@@ -218,8 +220,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], variant: str = "offici
                    are not all identical (both sides then)   identical GT answers nothing is normalised:
                                                              ``"Yes"``/``"yes."``/``"two"`` vs 10x
                                                              ``"yes"``/``"yes"``/``"2"`` all score 0.
-    ``lmms_eval``  always, punctuation + digit/article       lmms-eval ``vqav2`` (as described by the
-                                                             reference notes, pinned to v0.7.2)
+    ``lmms_eval``  always, punctuation + digit/article       lmms-eval v0.7.2 ``tasks/vqav2/utils.py`` +
+                                                             ``_task_utils/vqa_eval_metric.py``
     ``m4c``        always, full ``EvalAIAnswerProcessor``    LLaVA/M4C ``m4c_evaluator.py`` (TextVQA),
                    (adds lowercase, delete ``,``/``?``,      lmms-eval ``textvqa``; requires exactly 10
                    ``"'s" -> " 's"``)                        answers (the reference asserts it)
@@ -227,7 +229,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], variant: str = "offici
     ============== ========================================= ================================================
 
     Note (documented choice): older lmms-eval ``vqav2/utils.py`` copies run the full EvalAIAnswerProcessor on
-    the prediction and gate GT normalisation on the official rule; vlmkit follows the reference notes
+    the prediction and gate GT normalisation on the official rule; vlmkit follows lmms-eval v0.7.2
     ("always, punctuation + digit/article only"). Sums follow each reference's order; compare with a
     tolerance.
 

@@ -1,13 +1,13 @@
 """MouSi position schemes (Fan et al., arXiv 2401.17221): make an image occupy fewer positions.
 
-MouSi released no code; the scheme definitions below follow the abstract ("4096 → 64 or even 1" positions
-for SAM) as reconstructed in the reference notes (compression_pe.md §5.3), not the paper's figure.
-Choices made where the notes are silent, for every mode: text tokens (image markers included) advance by 1;
-an image's block starts one after the token before it (a block at the start of a row after position -1);
-the text after an image resumes one after the block's *uncompressed* span, so pruning never moves text;
-tiles/frames of one image stack their rows (row = ``VisualTokens.index // w``).
+MouSi released no code; the scheme definitions below are our reconstruction from the abstract ("4096 → 64 or
+even 1" positions for SAM), not the paper's figure. Choices made where the abstract is silent, for every mode:
+text tokens (image markers included) advance by 1; an image's block starts one after the token before it (a
+block at the start of a row after position -1); the text after an image resumes one after the block's
+*uncompressed* span, so pruning never moves text; tiles/frames of one image stack their rows (row =
+``VisualTokens.index // w``).
 
-Images made of several expert blocks (``VisualTokens.blocks``, MouSi poly-visual experts, reference §5.3)
+Images made of several expert blocks (``VisualTokens.blocks``, MouSi poly-visual experts; a choice)
 lay the blocks out one after the other, each by the same rule: with ``"shared"`` each block takes one
 position (K experts → K positions), with ``"row"`` a block of an R×C grid takes R positions, with
 ``"original"`` R·C. Example, text a, an image of a 1×2 block then a 2×2 block, text b::
@@ -66,7 +66,7 @@ class MouSiPositionConfig(StageConfig):
         position  0   1   3   5    7
 
     Shared positions make the tokens of a block indistinguishable to RoPE (only content tells them apart);
-    ``"shared"`` loses the 2-D layout, which hurts grounding/OCR (reference notes §5.5).
+    ``"shared"`` loses the 2-D layout, which hurts grounding/OCR (expected; not a published MouSi result).
     """
 
     type = "mousi_position"

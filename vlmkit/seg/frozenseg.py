@@ -1,7 +1,8 @@
 """FrozenSeg: open-vocabulary segmentation on a frozen open_clip backbone and a frozen SAM image encoder.
 
 Chen et al., "Harmonizing Frozen Foundation Models for Open-Vocabulary Segmentation" (arXiv 2409.03525),
-reference ``chenxi52/FrozenSeg`` @ 647cf68 (``reference/seg_seed.md`` §4), itself built on FC-CLIP:
+reference ``chenxi52/FrozenSeg`` @ 647cf68 (``frozenseg/frozenseg.py``, ``frozenseg/modeling/``), itself built
+on FC-CLIP:
 
 - a frozen open_clip ConvNeXt gives multi-scale features (res2–res5) for a trainable pixel decoder and a
   dense map (``clip_vis_dense``) for out-of-vocabulary classification;

@@ -1,10 +1,10 @@
 """PMP: prompt-guided mask proposals, a *reimplementation from the abstract* (arXiv 2412.10292).
 
 Li et al., "Prompt-Guided Mask Proposal for Two-Stage Open-Vocabulary Segmentation", have published no
-code. The abstract (``reference/seg_seed.md`` §3) fixes only this: a query-based (Mask2Former-style)
+code. The abstract fixes only this: a query-based (Mask2Former-style)
 mask generator whose queries cross-attend to the text-prompt tokens, so that proposals are
-prompt-guided "after each decoding" (each decoder layer). Everything else here is our design, following
-the reference's "Implications for vlmkit" item 5; every choice is listed below.
+prompt-guided "after each decoding" (each decoder layer). Everything else here is our design (not fixed
+by the paper; chosen here); every choice is listed below.
 
 This module is the PMP method file; it holds:
 

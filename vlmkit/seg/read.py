@@ -1,12 +1,13 @@
-"""READ / LISA: a ``[SEG]`` token whose hidden state prompts segment-anything (``reference/seg_seed.md`` §2).
+"""READ / LISA: a ``[SEG]`` token whose hidden state prompts segment-anything.
 
-LISA (§2.1-2.3): ``[SEG]`` is added to the vocabulary; the language model's last hidden state (after the
-final norm, ``hidden_states[-1]``) at the position *preceding* each ``[SEG]`` goes through
-``text_hidden_fcs`` (Linear(d, d) → ReLU → Linear(d, c) → Dropout(0), c = the prompt dim of the SAM in use,
-256 for the released SAMs) and is handed to SAM as an extra sparse prompt token; SAM's mask decoder turns
-it into a mask at the original image size. READ (§2.4) adds Similarity-as-Points: the raw dot product
-between the ``[SEG]`` state (before ``text_hidden_fcs``) and the image tokens' states gives a map over the
-vision grid whose extreme cells become SAM point prompts. ``READConfig(points=0)`` is plain LISA.
+LISA (Lai et al., arXiv 2308.00692; ``dvlab-research/LISA`` @ 3cb2d43 ``model/LISA.py``): ``[SEG]`` is added
+to the vocabulary; the language model's last hidden state (after the final norm, ``hidden_states[-1]``) at the
+position *preceding* each ``[SEG]`` goes through ``text_hidden_fcs`` (Linear(d, d) → ReLU → Linear(d, c) →
+Dropout(0), c = the prompt dim of the SAM in use, 256 for the released SAMs) and is handed to SAM as an extra
+sparse prompt token; SAM's mask decoder turns it into a mask at the original image size. READ (Qian et al.,
+arXiv 2412.17741; ``rui-qian/READ`` @ 2549240 ``model/READ.py``) adds Similarity-as-Points: the raw dot
+product between the ``[SEG]`` state (before ``text_hidden_fcs``) and the image tokens' states gives a map over
+the vision grid whose extreme cells become SAM point prompts. ``READConfig(points=0)`` is plain LISA.
 
 Training (``VLMWrapper.forward(..., sam_images=[...], masks=[...])``): the combined loss is
 ``ce_weight·CE + bce_weight·BCE + dice_weight·DICE`` (LISA: 1, 2, 0.5), with LISA's per-mask pixel-mean
@@ -34,7 +35,7 @@ Conventions and choices (those the reference does not fix are marked [choice]):
 - [choice] Flat map: when the downsampled map is constant (max - min <= 1e-6·max(1, |max|, |min|); the
   reference divides by zero and its point conversion then fails), no points are selected and SAM gets the
   LISA prompt (the ``[SEG]`` embedding alone).
-- Point selection follows READ's ``similarity_map_to_points`` (§2.4): bilinear downsampling by
+- Point selection follows READ's ``similarity_map_to_points`` (``model/READ.py``): bilinear downsampling by
   ``down_sample``, min-max, padding the map with -1 to the image's aspect ratio (``grid_view=
   "center_crop"``: the grid covers the centred crop the CLIP processor feeds the tower; ``"full"``: the
   grid covers the whole, squashed image, e.g. InternVL's resize), positives (>= ``pos_thresh``, by value

@@ -3,8 +3,8 @@
 Input: COCO instances (``images``, ``annotations`` whose ``segmentation`` is polygons, compressed or
 uncompressed RLE) and RefCOCO-style refs (``[{ref_id, ann_id, image_id, split, sentences: [{sent}]}]``)
 as JSON, or as the ``refs(unc).p`` pickles RefCOCO ships (read with a restricted unpickler that
-admits only builtin containers and scalars). Output, as ``create_refcoco.py`` of the reference
-(``reference/seg_seed.md`` §1.6)::
+admits only builtin containers and scalars). Output, as ``playground/data/create_json/create_refcoco.py``
+of the reference (``mc-lan/Text4Seg`` @ d6540b6; Text4Seg, arXiv 2410.09855)::
 
     [{"id", "image", "height": grid, "width": grid,
       "conversations": [{"from": "human", "value": "<image>\\n{question}"},
@@ -16,9 +16,10 @@ random sentence of the ref, a random ``QUESTION_PARTIAL`` and ``ANSWER_PARTIAL``
 same image. The reference uses ``rounds=2, repeats=2``; the defaults here are one round, one pass.
 
 [choice] Labels: the reference puts the sentence verbatim into the grid; a sentence containing
-``|``, ``*`` or a line break would corrupt R-RLE (§1.10 item 2), so :func:`sanitize_label` replaces
-those with spaces and collapses whitespace; the sanitized text is used in the question, answer and
-grid alike. A sentence that is empty or ``others`` after that is skipped (with a warning).
+``|``, ``*`` or a line break would corrupt R-RLE (the reference ``decode_mask`` / ``translate_sequence`` split
+on them), so :func:`sanitize_label` replaces those with spaces and collapses whitespace; the sanitized
+text is used in the question, answer and grid alike. A sentence that is empty or ``others`` after that is
+skipped (with a warning).
 """
 
 from __future__ import annotations

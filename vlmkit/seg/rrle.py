@@ -1,7 +1,8 @@
 """Text4Seg codec: segmentation masks as text (semantic descriptors compressed with row-wise RLE).
 
 A mask becomes an ``h × w`` grid with one text label per cell (the referring expression, or the
-background label ``others``); the grid is written as R-RLE (see ``reference/seg_seed.md`` §1.2)::
+background label ``others``); the grid is written as R-RLE (Text4Seg, Lan et al., arXiv 2410.09855;
+``encode_mask`` of ``mc-lan/Text4Seg`` @ d6540b6, ``playground/data/create_json/utils.py``)::
 
     others *16\\n others *5| dog *7| others *4\\n ... others *16\\n
 

@@ -1,5 +1,5 @@
 """segment-anything helpers shared by the segmentation heads: load SAM from a local checkpoint, a
-tiny SAM for tests, and Text4Seg's coarse-mask refinement (``reference/seg_seed.md`` §1.5).
+tiny SAM for tests, and Text4Seg's coarse-mask refinement (arXiv 2410.09855; ``mc-lan/Text4Seg`` @ d6540b6).
 
 Refinement, as ``ms-swift/text4seg/infer_refer_seg.py``: the coarse grid becomes a ±6.9068 logit
 prior at SAM's low-res mask size (256² for every released SAM); k positive and k negative points are

@@ -1,6 +1,6 @@
 """MouSi poly-visual experts (Fan et al., arXiv 2401.17221): several vision encoders per image, each with its
-own projector into the language model's width, fused into one run of visual tokens (reference notes
-compression_pe.md §5).
+own projector into the language model's width, fused into one run of visual tokens (the paper's
+poly-expert fusion network).
 
 ``vlmkit.wrap(model, ExpertsConfig(experts=[{"name": "own"}, {"name": "sam", "variant": "vit_b",
 "checkpoint": "sam_vit_b_01ec64.pth"}], fusion="mlp", positions="row"))`` replaces the family's image
@@ -45,11 +45,12 @@ SAM gets the (square) image resized to its full input square, not letterboxed. T
 
 Fusion (``fusion``), one module per expert, trained (``stages.train: [experts]`` in a recipe):
 
-- ``"mlp"``: LLaVA-1.5's ``mlp2x_gelu`` (Linear F·m → D, GELU, Linear D → D) per expert; the experts'
-  token runs are concatenated in config order (reference §5.2). Multi-patch-one-token ``merge`` (config
-  default, per-expert override ``spec["merge"]``): *choice*: an int m concatenates m horizontally
-  adjacent patches (a 1×m window, so rows are kept: an R×C grid becomes R×(C/m)); a pair [mh, mw] merges
-  mh×mw windows (R/mh × C/mw). Window features are concatenated row-major within the window.
+- ``"mlp"``: LLaVA-1.5's ``mlp2x_gelu`` (Linear F·m → D, GELU, Linear D → D) per expert; the experts' token
+  runs are concatenated in config order (MouSi's MLP fusion; not confirmed against the paper's full text).
+  Multi-patch-one-token ``merge`` (config default, per-expert override ``spec["merge"]``): *choice*: an int m
+  concatenates m horizontally adjacent patches (a 1×m window, so rows are kept: an R×C grid becomes R×(C/m));
+  a pair [mh, mw] merges mh×mw windows (R/mh × C/mw). Window features are concatenated row-major within the
+  window.
 - ``"qformer"``: per expert a Q-Former-style resampler: ``queries`` learned queries (config default,
   per-expert ``spec["queries"]``) of the language model's width, ``qformer_layers`` pre-LN blocks of
   query self-attention, cross-attention to the expert's linearly projected features and a 4× GELU MLP,
@@ -62,10 +63,10 @@ time, because its sizes need the model (language-model width, the own tower).
 Output: one ``VisualTokens`` per image, ``num_uncompressed`` = Σ tokens of all experts, ``index`` the run
 position, ``grid`` = (1, T) (the run has no single 2-D layout) and ``blocks`` = [(offset, grid)] per expert.
 
-Positions (``positions``, reference §5.3; per-expert blocks laid out one after the other, as
-``vlmkit.position.mousi`` documents): ``"original"`` (default) leaves positions alone (each token takes the
-next integer; a position stage given to ``wrap`` still applies, and ``MouSiPositionConfig`` honours the
-expert blocks). ``"shared"`` (one position per expert block) and ``"row"`` (R positions for an R×C
+Positions (``positions``, reconstructed from the MouSi abstract; per-expert blocks laid out one after the
+other, as ``vlmkit.position.mousi`` documents): ``"original"`` (default) leaves positions alone (each token
+takes the next integer; a position stage given to ``wrap`` still applies, and ``MouSiPositionConfig`` honours
+the expert blocks). ``"shared"`` (one position per expert block) and ``"row"`` (R positions for an R×C
 expert) are realised by this stage itself: while the language model runs it remaps the decoder's rotary
 embedding to ``mousi_position_ids(positions, …)``. *Choice*: since an encoder stage hands the model no
 ``position_ids``, the remap does not rely on the model's own integer numbering: the full prompt (the

@@ -44,8 +44,8 @@ class ExpertsConfig(StageConfig):
 
     experts: expert specs (JSON dicts, ``{"name": "own" | "open_clip" | "sam" | registered, ...}``), in
     token order; fusion: ``"mlp"`` (per-expert projector, tokens concatenated) or ``"qformer"``
-    (``queries`` tokens per expert); positions: ``"original"`` | ``"shared"`` | ``"row"`` (reference
-    §5.3, per expert block); merge: default multi-patch-one-token window of MLP fusion (m or [mh, mw]);
+    (``queries`` tokens per expert); positions: ``"original"`` | ``"shared"`` | ``"row"`` (applied
+    per expert block); merge: default multi-patch-one-token window of MLP fusion (m or [mh, mw]);
     queries / qformer_layers / qformer_heads: the resampler; image_mean / image_std: the wrapped model's
     pixel normalisation (to de-normalise its ``pixel_values``); seed: initialisation of the fusion modules.
     Per-expert ``"merge"`` / ``"queries"`` in a spec override the defaults.

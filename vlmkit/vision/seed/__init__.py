@@ -2,7 +2,7 @@
 
 An image becomes ``num_queries`` (32) discrete codes in ``[0, codebook)`` (8192) that a language model
 reads and writes as ordinary vocabulary tokens ``<img_00000>`` … ``<img_08191>`` between ``<img>`` and
-``</img>`` (reference/seg_seed.md §5). Pieces, each named as in the reference code so a SEED-2
+``</img>`` (reference: ``AILab-CVC/SEED`` @ 93b3cf4). Pieces, each named as in the reference code so a SEED-2
 ``seed_quantizer.pt`` maps onto them by a prefix rename only (:func:`load_seed_checkpoint`):
 
 - **Vision features**: any *frozen* callable ``pixel_values [B, 3, H, W] -> [B, N, C]`` (a tensor, or an
@@ -28,7 +28,8 @@ reads and writes as ordinary vocabulary tokens ``<img_00000>`` … ``<img_08191>
   ``image_embed_dim`` image embedding (SEED-2: the 1024-d unCLIP CLIP-ViT-H image embedding).
   ``blocks`` + ``pos_embed`` reconstruct the 32 causal Q-Former embeddings (the L_recon branch).
 
-Training (:func:`train_seed_tokenizer`, §5.3), two phases as the reference:
+Training (:func:`train_seed_tokenizer`), two phases as the reference (``blip2_qformer_casual.py``, then
+``blip2_qformer_codebook_all_image.py``, in ``SEED_Tokenizer/lavis/models/blip2_models/``):
 
 1. ``"qformer"``: image–text contrastive on the **last** causal query only: ``vision_proj`` (→256) and
    ``text_proj`` features L2-normalised, learnable temperature (init 0.07, clamped to [0.001, 0.5] as
@@ -58,13 +59,13 @@ Design choices not fixed by the reference (written down here):
   with optional linear warm-up; no all-gather (one process). Losses are reported unweighted and
   weighted (``loss``).
 - **Tokens in the LM.** Codes are added first, in order (``<img_00000>`` …), then BOI, EOI, so
-  ``id = first_image_id + code`` and the markers follow the codes (the reference's order, §5.4). The
-  markers are the reference ``<img>``/``</img>`` unless they already exist (InternVL uses them for its
-  own images): then ``<seed_img>``/``</seed_img>`` (``markers="auto"``). :func:`add_seed_tokens` checks
-  the tokenizer's vocabulary; the ``SEED`` stage decides from the wrapped family (``wrap`` hands stages no
-  tokenizer before ``new_tokens``, and a vocabulary check would flip on a reload with a tokenizer that
-  already holds SEED's ``<img>``); any other collision makes ``wrap`` raise (then set
-  ``markers="namespaced"``). The reference strings stay in the config (``boi``/``eoi``) and
+  ``id = first_image_id + code`` and the markers follow the codes (the reference's code order; its marker
+  ids are unconfirmed). The markers are the reference ``<img>``/``</img>`` unless they already exist
+  (InternVL uses them for its own images): then ``<seed_img>``/``</seed_img>`` (``markers="auto"``).
+  :func:`add_seed_tokens` checks the tokenizer's vocabulary; the ``SEED`` stage decides from the wrapped
+  family (``wrap`` hands stages no tokenizer before ``new_tokens``, and a vocabulary check would flip on a
+  reload with a tokenizer that already holds SEED's ``<img>``); any other collision makes ``wrap`` raise
+  (then set ``markers="namespaced"``). The reference strings stay in the config (``boi``/``eoi``) and
   :meth:`SEED.to_reference_text` / :meth:`SEED.from_reference_text` translate between the spellings.
 - **Fine-tuning the LM** (peft 0.21, tested on the tiny models): LoRA plus
   ``LoraConfig(trainable_token_indices={"embed_tokens": ids, "lm_head": ids})`` with
