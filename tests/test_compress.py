@@ -36,7 +36,8 @@ def _pruners(**budget):
     from vlmkit.config import registered_configs
 
     budget = {"keep_ratio": None, "num_keep": None, **budget}
-    configs = [dataclasses.replace(v, **budget) for c in registered_configs(pruner=True) for v in c.variants().values()]
+    configs = [dataclasses.replace(v, **budget) for c in registered_configs(role="compressor", pruner=True)
+               for v in c.variants().values()]
     assert {"fopru", "random", "divprune"} <= {c.type for c in configs}
     return configs
 

@@ -70,7 +70,7 @@ def test_sweep_includes_a_pruner_registered_outside_vlmkit(test_pruners):
     assert methods["KeepEnds last"] == "test_keep_ends:keep_ratio={k},strategy=last"
     # every entry is a spec the harness can build
     for spec in methods.values():
-        config = registry.parse_stage_spec(spec.format(k=0.25), role="compressor")
+        config = registry.parse_stage_spec(spec.format(k=0.25))
         assert config.pruner and config.keep_ratio == 0.25
 
 

@@ -6,15 +6,17 @@ the registry's package discovery) and the test stages of the modules imported be
 the cells, and runs the stage's ``Config.example()``:
 
 - ``test_config_round_trip``: ``config_from_dict(c.to_dict()) == c`` and the dict survives JSON;
-- ``test_pruner_keeps_the_budget`` (pruners): every image sends exactly ``c.num_to_keep(G)`` of its G grid
-  tokens plus all its image-newline tokens to the language model (also with ``num_keep``);
+- ``test_pruner_keeps_the_budget`` (compressor pruners): every image sends exactly ``c.num_to_keep(G)`` of its G
+  grid tokens plus all its image-newline tokens to the language model (also with ``num_keep``); decoder pruners'
+  per-layer counts are checked in ``tests/test_decoder_prune.py``;
 - ``test_batch_equals_each_sample_alone``: on a padded batch of two samples (one image; two images of other
   sizes; one image each, of different sizes, for stages that take one image per sample), ``forward`` logits at
   every real position and per-sample head outputs (atol 1e-4) and greedy ``generate`` tokens equal those of
   each sample run alone;
 - ``test_save_load_gives_identical_outputs``: stage parameters (and added token rows) are perturbed, saved,
   and ``vlmkit.load`` onto a fresh model gives identical logits, head outputs and stage weights;
-- ``test_pruner_keep_ratio_one_is_the_unwrapped_model`` (pruners): bit-identical logits and ``generate``;
+- ``test_pruner_keep_ratio_one_is_the_unwrapped_model`` (pruners, compressors and decoder stages):
+  bit-identical logits and ``generate``;
 - ``test_unclaimed_family_is_refused``: on every family lacking a capability in ``requires``, ``wrap`` raises
   ValueError naming the stage type and the missing capability.
 
@@ -83,10 +85,10 @@ def claims(config_cls, family: str) -> bool:
     return set(config_cls.requires) <= family_capabilities(family)
 
 
-def claimed_cells(pruner: bool | None = None) -> list[tuple[str, str]]:
+def claimed_cells(pruner: bool | None = None, role: str | None = None) -> list[tuple[str, str]]:
     """``(stage type, family)`` for every battery stage and every tiny family that claims it."""
     return [(c.type, f) for c in battery_configs() for f in FAMILIES
-            if claims(c, f) and (pruner is None or c.pruner == pruner)]
+            if claims(c, f) and (pruner is None or c.pruner == pruner) and (role is None or c.role == role)]
 
 
 def refused_cells() -> list[tuple[str, str]]:
@@ -189,7 +191,7 @@ def _newline_rows(model, embeds: list[torch.Tensor]) -> list[int] | None:
     return [int((x == newline.to(x)).all(-1).sum()) for x in embeds]
 
 
-@pytest.mark.parametrize("stage, family", _params(claimed_cells(pruner=True), "budget"))
+@pytest.mark.parametrize("stage, family", _params(claimed_cells(pruner=True, role="compressor"), "budget"))
 def test_pruner_keeps_the_budget(stage, family):
     """Each image keeps ``num_to_keep(G)`` of its G grid tokens and every newline token, for ``keep_ratio``
     (the example) and for ``num_keep``. G and the newlines are counted on the unwrapped pipeline's tokens and
@@ -296,7 +298,9 @@ def test_save_load_gives_identical_outputs(stage, family, tmp_path):
 
 @pytest.mark.parametrize("stage, family", _params(claimed_cells(pruner=True), "identity"))
 def test_pruner_keep_ratio_one_is_the_unwrapped_model(stage, family):
-    config = dataclasses.replace(_config_class(stage).example(), keep_ratio=1.0, num_keep=None)
+    example = _config_class(stage).example()
+    budget = {"keep_ratio": 1.0, **({"num_keep": None} if hasattr(example, "num_keep") else {})}
+    config = dataclasses.replace(example, **budget)
     with wrapped_cell(config, family) as (wrapped, model, processor):
         right = make_batch(processor, compat.SAMPLES, "right")
         with torch.no_grad():

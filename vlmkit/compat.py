@@ -98,11 +98,9 @@ def missing_capabilities(family, column: Column) -> list[str]:
 
 
 def unsupported_reason(family, capability: str) -> str:
-    """Why ``family`` lacks ``capability``: its ``lacks`` text, with what the capability is."""
-    from .families.base import CAPABILITIES
-
+    """Why ``family`` lacks ``capability``: its ``lacks`` text (the table's legend says what each capability is)."""
     why = family.lacks.get(capability, "does not provide it")
-    return f"lacks `{capability}`, {CAPABILITIES.get(capability, capability)}: the family {why}"
+    return f"lacks `{capability}`: the family {why}"
 
 
 # --- batches ---------------------------------------------------------------------------------------------
@@ -207,7 +205,7 @@ def check_cell(model, processor, column: Column, max_new_tokens: int = 3) -> str
             if not torch.allclose(out.logits[b, :n], one.logits[0], atol=1e-4, rtol=1e-4):
                 diff = (out.logits[b, :n] - one.logits[0]).abs().max()
                 raise AssertionError(f"sample {b}: padded-batch logits differ from batch-1 by {float(diff):.2e}")
-        if column.config_class is not None and column.config_class.pruner:
+        if column.config_class is not None and column.config_class.pruner and column.config_class.role == "compressor":
             notes.append(_check_budget(model, wrapped, column.config, batch, layout))
         # generate on a left-padded batch: prompt kept, new tokens equal batch-1 generation.
         batch = make_batch(processor, BATCH, "left", layout=layout)
@@ -305,6 +303,8 @@ def run_matrix(families=None, columns=None, seed: int = 0) -> list[CellResult]:
 
 def to_markdown(results: list[CellResult]) -> str:
     """The matrix table (✅ pass, ❌ unsupported with a numbered reason, 💥 failure) plus the reasons."""
+    from .families.base import CAPABILITIES
+
     families = list(dict.fromkeys(r.family for r in results))
     cells = list(dict.fromkeys(r.cell for r in results))
     titles = {r.cell: r.title or r.cell for r in results}
@@ -326,4 +326,7 @@ def to_markdown(results: list[CellResult]) -> str:
         lines.append(f"| {f} | " + " | ".join(row) + " |")
     lines.append("")
     lines += [f"{i}. {t}" for i, t in enumerate(reasons, 1)]
+    used = [c for c in CAPABILITIES if any(f"`{c}`" in t for t in reasons)]
+    if used:
+        lines += ["", "Capabilities: " + "; ".join(f"`{c}`: {CAPABILITIES[c]}" for c in used) + "."]
     return "\n".join(lines) + "\n"

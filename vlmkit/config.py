@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 #: Packages whose modules hold the built-in stages. On the first registry look-up every module below them is
 #: imported once, so each method's ``@register_stage`` line is all it takes to be found (timm-style: nothing
 #: happens at ``import vlmkit``). Stages outside vlmkit register when their module is imported.
-STAGE_PACKAGES = ("vlmkit.compress", "vlmkit.position", "vlmkit.seg", "vlmkit.vision")
+STAGE_PACKAGES = ("vlmkit.compress", "vlmkit.decoder", "vlmkit.position", "vlmkit.seg", "vlmkit.vision")
 
 #: type string -> (config class, stage class)
 _REGISTRY: dict[str, tuple[type["StageConfig"], type]] = {}
@@ -148,7 +148,8 @@ class StageConfig:
     exclusive: ClassVar[bool] = False  # True: no other stage of the same role may be combined with it
     #: family capabilities the stage needs (``vlmkit.families.base.CAPABILITIES``); wrap() refuses others
     requires: ClassVar[tuple[str, ...]] = ()
-    #: True for pruners (``keep_ratio`` / ``num_keep`` budgets): the demo sweep and the pruning checks use them
+    #: True for pruners (``keep_ratio`` / ``num_keep`` budgets: the visual tokens of each image the language model's
+    #: later layers see), compressors and decoder stages alike: the demo sweep and the benchmarks run them
     pruner: ClassVar[bool] = False
     #: name in tables, plots and reports (default: the class name without ``Config``)
     display_name: ClassVar[str] = ""

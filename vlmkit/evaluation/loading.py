@@ -97,7 +97,11 @@ def load_model(
     from .. import wrapper as core
     CONFIG_NAME, VLMWrapper, wrap, load_saved = core.CONFIG_NAME, core.VLMWrapper, core.wrap, core.load
 
-    configs = [parse_stage_spec(c, "compressor") if isinstance(c, str) else c for c in (compress or ())]
+    configs = [parse_stage_spec(c) if isinstance(c, str) else c for c in (compress or ())]
+    for c in configs:  # compressors, and decoder stages with a token budget (FastV, PDrop)
+        if c.role != "compressor" and not c.pruner:
+            raise ValueError(f"compress={c.type!r}: a {c.role!r} stage, not a compressor or pruner; "
+                             "give position schemes as position=…")
     if position is not None:
         configs.append(parse_stage_spec(position, "position") if isinstance(position, str) else position)
     if isinstance(model, tuple):

@@ -282,7 +282,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--output", help="output folder (files go to <output>/<model name>/)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--limit", type=float, default=None, help="first N docs per task (a fraction < 1: that share)")
-    p.add_argument("--compress", action="append", default=None, help="compressor spec, e.g. fopru:0.25 (repeatable)")
+    p.add_argument("--compress", action="append", default=None, help="compressor or pruner spec, e.g. fopru:0.25, fastv:0.5 (repeatable)")
     p.add_argument("--position", default=None, help="position scheme spec, e.g. v2pe:64")
     p.add_argument("--resume", action="store_true", help="continue the latest run in the output folder")
     p.add_argument("--data-root", default=None, help="folder the task data paths are relative to "

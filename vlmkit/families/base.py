@@ -19,6 +19,10 @@ CAPABILITIES: dict[str, str] = {
     "tile_rows": "images made of whole tiles of one fixed grid: the tower runs on pixel_values [tiles, C, H, W] "
                  "with no other image input, and each image's run is its tiles' tokens in row order",
     "fixed_grid": "every image's visual tokens lie on tiles of one fixed grid, whatever the image size",
+    # --- vision attention rows (pre-LLM pruners) ---
+    "vision_cls": "a vision tower whose token sequence starts with a CLS token (its attention row scores the patches)",
+    "token_projector": "a projector that maps each visual token's own pre-projector feature vector to its embedding "
+                       "(its input: one row per visual token of a tile, in token order)",
 }
 
 
@@ -140,6 +144,50 @@ class Family:
         """
         return {}
 
+    # --- decoder attention (decoder-side pruning) ---
+    def decoder_attention(self, layer_index: int) -> nn.Module:
+        """The self-attention module of ``decoder_layers[layer_index]``."""
+        return self.decoder_layers[layer_index].self_attn
+
+    def decoder_attention_implementation(self, layer_index: int = 0) -> str:
+        """The attention kernel ``decoder_layers[layer_index]`` runs (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``…);
+        it fixes the format of the 4-D masks the layer takes (eager: additive float, sdpa: bool or None)."""
+        return str(self.decoder_attention(layer_index).config._attn_implementation)
+
+    def decoder_qk(self, layer_index: int, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   query_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries and keys of decoder layer ``layer_index`` for the hidden states ``hidden`` [B, S, D] that
+        *enter* the layer, computed with its own input norm, projections, q/k norms (if any) and RoPE
+        (``position_embeddings`` = the ``(cos, sin)`` the layer receives, [1 or B, S, d]; M-RoPE's are already per
+        token): ``(q [B, H, n, d], k [B, H, S, d], scale)``, keys repeated to the H query heads (GQA), so
+        ``softmax(q kᵀ · scale + mask)`` are that layer's attention probabilities. ``query_index`` [B, n] picks
+        the query rows (default: all S)."""
+        import sys
+
+        layer = self.decoder_layers[layer_index]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        B, S, D = x.shape
+        d = int(attn.head_dim)
+        cos, sin = position_embeddings
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+        xq, cq, sq = x, cos, sin
+        if query_index is not None:
+            idx = query_index.to(x.device)
+            xq = x.gather(1, idx[..., None].expand(-1, -1, D))
+            cq = cos.gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
+            sq = sin.gather(1, idx[..., None].expand(-1, -1, sin.shape[-1]))
+        q = attn.q_proj(xq).view(B, xq.shape[1], -1, d)
+        k = attn.k_proj(x).view(B, S, -1, d)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head q/k norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # what the layer's own forward calls
+        q = rope(q, q, cq, sq)[0]
+        k = rope(k, k, cos, sin)[1]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        return q, k, float(attn.scaling)
+
     # --- vision -------------------------------------------------------------------------------
     @property
     def vision_tower(self) -> nn.Module:
@@ -226,6 +274,29 @@ class Family:
             hook(args[0] if args else kwargs["pixel_values"])
 
         return self.vision_tower.register_forward_pre_hook(pre, with_kwargs=True)
+
+    # --- vision attention rows (pre-LLM pruners) ---
+    @property
+    def projector(self) -> nn.Module:
+        """The module that maps pre-projector visual features to language-model embeddings
+        (``part_paths["projector"]``)."""
+        return self.model.get_submodule(self.part_paths["projector"])
+
+    def on_projector_input(self, hook) -> Any:
+        """Call ``hook(features)`` with the projector's input whenever it runs (families with
+        ``token_projector``: [tiles, tokens_per_tile, C'], one row per visual token, tile-major in the order
+        the tower ran the tiles); returns a handle whose ``remove()`` stops it."""
+        def pre(module, args, kwargs):
+            hook(args[0] if args else next(iter(kwargs.values())))
+
+        return self.projector.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def project_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-projector features of visual tokens [..., C'] (what ``on_projector_input`` sees) -> their
+        language-model embeddings [..., D] through the model's own projector (``token_projector``: it acts
+        on each token on its own)."""
+        self.require("token_projector", "project_tokens")
+        return self.projector(features)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -15,6 +15,8 @@ class InternVLFamily(Family):
     model_type = "internvl"
     model_class_names = ("InternVLForConditionalGeneration",)
     image_markers = ("<img>", "</img>", "<IMG_CONTEXT>")
+    # vision attention rows (pre-LLM pruners): InternViT has a CLS token; mlp1 acts on each shuffled token
+    capabilities = Family.capabilities | {"vision_cls", "token_projector"}
 
     @property
     def vision_layers(self):

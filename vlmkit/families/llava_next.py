@@ -43,7 +43,8 @@ from .base import Family
 
 class LlavaNextFamily(Family):
     model_type = "llava_next"
-    capabilities = frozenset({"patch_grid", "rope_1d", "fixed_grid"})
+    capabilities = frozenset({"patch_grid", "rope_1d", "fixed_grid",
+                              "vision_cls", "token_projector"})  # last two: vision attention rows (pre-LLM pruners)
     lacks = {**Family.lacks, "tile_rows": "lays its AnyRes tiles out as one stitched, cropped grid with image-newline "
                                           "tokens, decided by image_sizes"}
     model_class_names = ("LlavaNextForConditionalGeneration",)

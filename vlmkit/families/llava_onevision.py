@@ -26,6 +26,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     model_type = "llava_onevision"
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
     image_kwarg_names = ("image_sizes", "batch_num_images")
+    # vision attention rows (pre-LLM pruners)
+    capabilities = LlavaNextFamily.capabilities - {"vision_cls"}
+    lacks = {**LlavaNextFamily.lacks, "vision_cls": "runs a SigLIP tower, which has no CLS token"}
 
     def _feature_kwargs(self, image_kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**super()._feature_kwargs(image_kwargs), "vision_aspect_ratio": self.config.vision_aspect_ratio}

@@ -70,6 +70,9 @@ class Qwen2_5_VLFamily(Family):
         "single_tile": "passes images as variable-size patch sequences, not pixel_values rows",
         "tile_rows": "passes images as variable-size patch sequences, not tiles",
         "fixed_grid": "has dynamic resolution: an image's token grid follows its size",
+        # vision attention rows (pre-LLM pruners)
+        "vision_cls": "has a vision tower without a CLS token",
+        "token_projector": "merges 2×2 patches inside its merger, whose input is therefore patches, not visual tokens",
     }
     part_paths = {"projector": "model.visual.merger", "vision_tower": "model.visual",
                   "language_model": "model.language_model"}

@@ -38,7 +38,11 @@ from .base import Family
 class SmolVLMFamily(Family):
     model_type = "smolvlm"
     capabilities = frozenset({"patch_grid", "rope_1d", "fixed_grid"})
-    lacks = {**Family.lacks, "tile_rows": "passes pixel_values as [images, tiles, C, H, W] with a pixel_attention_mask"}
+    lacks = {**Family.lacks, "tile_rows": "passes pixel_values as [images, tiles, C, H, W] with a pixel_attention_mask",
+             # vision attention rows (pre-LLM pruners)
+             "vision_cls": "runs a SigLIP tower, which has no CLS token",
+             "token_projector": "pixel-shuffles patches inside its connector, whose input is therefore patches, "
+                                "not visual tokens"}
     model_class_names = ("SmolVLMForConditionalGeneration",)
     image_kwarg_names = ("pixel_attention_mask",)
     part_paths = {"projector": "model.connector", "vision_tower": "model.vision_model",

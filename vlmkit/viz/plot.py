@@ -1,4 +1,4 @@
-"""A small line plot drawn with PIL (no plotting library needed)."""
+"""Small line plots drawn with PIL (no plotting library needed)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,35 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
-SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+#: matplotlib's tab10: ten distinguishable series colours
+SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34)]
 
 
 def line_plot(x: list[float], series: dict[str, list[float | None]], title: str = "", xlabel: str = "",
               ylabel: str = "", size: tuple[int, int] = (640, 420), y_range: tuple[float, float] = (0.0, 1.0)
               ) -> "Image.Image":
     """One line per series over ``x`` (missing values skipped), with axes, ticks and a legend."""
-    from PIL import Image, ImageDraw
-
     for name, ys in series.items():
         if len(ys) != len(x):
             raise ValueError(f"series {name!r} has {len(ys)} values for {len(x)} x positions")
+    points = {name: [(xv, yv) for xv, yv in zip(x, ys) if yv is not None] for name, ys in series.items()}
+    return scatter_lines(points, title, xlabel, ylabel, size, y_range, x_ticks=list(x))
+
+
+def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "", xlabel: str = "", ylabel: str = "",
+                  size: tuple[int, int] = (640, 420), y_range: tuple[float, float] = (0.0, 1.0),
+                  x_ticks: list[float] | None = None) -> "Image.Image":
+    """One line per series through its own (x, y) points (sorted by x), with axes, ticks and a legend."""
+    from PIL import Image, ImageDraw
+
+    xs = [p[0] for pts in series.values() for p in pts] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs)
+    x_ticks = x_ticks if x_ticks is not None else [x0 + i * (x1 - x0) / 5 for i in range(6)]
     W, H = size
     left, right, top, bottom = 60, 20, 40, 50
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    x0, x1 = min(x), max(x)
     y0, y1 = y_range
 
     def px(xv: float, yv: float) -> tuple[float, float]:
@@ -37,16 +49,16 @@ def line_plot(x: list[float], series: dict[str, list[float | None]], title: str 
         _, yp = px(x0, yv)
         draw.line([left - 4, yp, left, yp], fill="black")
         draw.text((8, yp - 6), f"{yv:.1f}", fill="black")
-    for xv in x:
+    for xv in x_ticks:
         xp, _ = px(xv, y0)
         draw.line([xp, H - bottom, xp, H - bottom + 4], fill="black")
-        draw.text((xp - 10, H - bottom + 8), f"{xv:g}", fill="black")
-    draw.text((W // 2 - 40, H - 20), xlabel, fill="black")
+        draw.text((xp - 10, H - bottom + 8), f"{xv:.3g}", fill="black")
+    draw.text((W // 2 - 3 * len(xlabel), H - 20), xlabel, fill="black")
     draw.text((8, 8), ylabel, fill="black")
-    draw.text((W // 2 - 4 * len(title), 14), title, fill="black")
-    for k, (name, ys) in enumerate(series.items()):
+    draw.text((W // 2 - 3 * len(title), 22), title, fill="black")
+    for k, (name, pts) in enumerate(series.items()):
         color = SERIES_COLORS[k % len(SERIES_COLORS)]
-        points = [px(xv, yv) for xv, yv in zip(x, ys) if yv is not None]
+        points = [px(xv, yv) for xv, yv in sorted(pts)]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         for p in points:

@@ -1,0 +1,248 @@
+"""Every registered pruner side by side: accuracy on the shipped shapes model, cost at LLaVA-1.5-7B width.
+
+Writes ``docs/methods.md`` (tables) and ``docs/methods_tradeoff.png`` (accuracy against the visual tokens the
+decoder layers see). Methods are read from the registry (``vlmkit.demo.sweep_methods()``: every pruner and each
+of its variants), so a newly registered pruner is a new row; random pruning is always one.
+
+A. Shapes model (``vlmkit/assets/shapes-llava-tiny``), the evaluation harness with the same questions for every
+   row: VQA accuracy (``shapes_vqa``) and referring cIoU (``shapes_refseg``) at each keep ratio; and, measured on
+   one prompt: the visual tokens each decoder layer runs on (a hook counts every layer's input length; the mean
+   over layers is what in-LLM papers report), prefill FLOPs counted by ``torch.utils.flop_counter`` (whole
+   forward: vision tower, projector, decoder; attention score products of CPU SDPA are not counted by torch's
+   counter), and KV-cache bytes after the prompt (summed over the cache's tensors).
+B. Real width (``configs/llava-1.5-7b-hf.json``, random weights, ``--layers`` decoder layers): prefill time of
+   the wrapped model vs no pruning, measured side by side (settings interleaved per repeat, medians), the ideal
+   speed-up from counted FLOPs, their ratio, and the KV-cache bytes measured vs counted from the layer lengths
+   (2 · kv_heads · head_dim · bytes per cached token).
+
+CPU: ``--quick`` (16 questions per point, 2 decoder layers at 7B width, 2 repeats) takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.11])
+    p.add_argument("--limit", type=int, default=64, help="questions / expressions per task and point (A)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers at 7B width (B)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (B)")
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--methods", nargs="*", default=None, help="method labels to run (default: every pruner)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(REPO / "docs"), help="folder for methods.md and methods_tradeoff.png")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.limit, args.layers, args.repeats = min(args.limit, 16), min(args.layers, 2), min(args.repeats, 2)
+    return args
+
+
+def _bench_compression():
+    """``scripts/bench_compression.py`` as a module (its LLaVA-1.5-7B builder, batch and timer)."""
+    spec = importlib.util.spec_from_file_location("bench_compression", REPO / "scripts" / "bench_compression.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- measuring one prefill ------------------------------------------------------------------------------
+def measure_prefill(wrapped, inputs: dict) -> dict:
+    """One prefill (batch 1) of ``wrapped``: per-layer sequence lengths, visual tokens per layer, counted FLOPs,
+    KV-cache bytes (measured and counted from the lengths)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lengths: list[int] = []
+    handles = [layer.register_forward_pre_hook(
+        lambda m, a, kw: lengths.append(int((a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True)
+        for layer in wrapped.family.decoder_layers]
+    text: list[int] = []
+    hook = wrapped.register_assemble_hook(
+        lambda _, batch: text.append(int(batch.attention_mask.sum()) - sum(batch.visual_tokens_per_sample)))
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            out = wrapped(**inputs, use_cache=True)
+    finally:
+        hook.remove()
+        for h in handles:
+            h.remove()
+    cache = out.past_key_values
+    measured = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    k0 = cache.layers[0].keys  # [B, kv_heads, S, head_dim]
+    per_token = 2 * k0.shape[1] * k0.shape[3] * k0.element_size()
+    return {"layer_lengths": lengths, "visual_per_layer": [n - text[0] for n in lengths],
+            "avg_visual_per_layer": statistics.fmean(n - text[0] for n in lengths),
+            "flops": counter.get_total_flops(), "kv_bytes": measured, "kv_bytes_counted": per_token * sum(lengths)}
+
+
+# --- A: the shapes model ----------------------------------------------------------------------------------
+def section_a(methods: dict, args) -> dict:
+    import torch
+
+    from vlmkit import Predictor
+    from vlmkit.config import parse_stage_spec
+    from vlmkit.data.shapes import generate
+    from vlmkit.demo import _run, _score, load_default
+    from vlmkit.wrapper import wrap, unwrap
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the harness reloads the checkpoint for every point
+    model, processor, description, spec = load_default()
+    description = os.path.relpath(description, REPO) if os.path.isabs(description) else description
+    data_root = Path(args.out) / ".bench_methods_data"
+    sample = generate(1, seed=123)[0]
+    predictor_prompt = "how many shapes are there ?"
+
+    def one(label, compress):
+        res = _run(spec, "shapes_vqa,shapes_refseg", compress, None, data_root, args.limit, True)
+        wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
+        try:
+            predictor = Predictor(wrapped, processor, prompt_style="plain")
+            inputs = predictor.inputs([[sample.image]], [predictor.prompt(predictor_prompt, 1)])
+            cost = measure_prefill(wrapped, inputs)
+        finally:
+            unwrap(wrapped)
+        return {"vqa": _score(res, "shapes_vqa", "vqa_accuracy"), "ciou": _score(res, "shapes_refseg", "cIoU"), **cost}
+
+    torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
+    rows = {"full": {1.0: one("full", [])}}
+    for label, method_spec in methods.items():
+        rows[label] = {}
+        for keep in args.keeps:
+            rows[label][keep] = one(label, [method_spec.format(k=keep)])
+            if not args.quiet:
+                r = rows[label][keep]
+                print(f"  {label:18s} keep {keep:<5} VQA {r['vqa']:.3f} cIoU {r['ciou']:.3f} "
+                      f"visual/layer {r['avg_visual_per_layer']:.1f}", flush=True)
+    return {"model": description, "rows": rows}
+
+
+# --- B: real width ------------------------------------------------------------------------------------------
+def section_b(methods: dict, args) -> dict:
+    import torch
+
+    from vlmkit.config import parse_stage_spec
+    from vlmkit.wrapper import unwrap, wrap
+
+    bc = _bench_compression()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, full_layers = bc.load_config(bc.DEFAULT_CONFIG, args.layers)
+    model = bc.build_model(config, device, dtype)
+    ids, mask, pixels = bc.synthetic_batch(config, 1, 35, 20, device, dtype)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    settings = {"full": []} | {f"{label} @ {keep}": [method_spec.format(k=keep)]
+                               for label, method_spec in methods.items() for keep in args.keeps}
+    cost, times = {}, {name: [] for name in settings}
+    for name, compress in settings.items():
+        wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
+        cost[name] = measure_prefill(wrapped, inputs)
+        unwrap(wrapped)
+    for _ in range(args.repeats):  # interleaved: every setting once per repeat
+        for name, compress in settings.items():
+            wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
+            with torch.no_grad():
+                times[name].append(bc.timed(lambda: wrapped(**inputs, use_cache=True, logits_to_keep=1), device))
+            unwrap(wrapped)
+    base_t, base_f = statistics.median(times["full"]), cost["full"]["flops"]
+    rows = {}
+    for name in settings:
+        t = statistics.median(times[name])
+        rows[name] = {**cost[name], "seconds": t, "speedup": base_t / t, "ideal": base_f / cost[name]["flops"],
+                      "layer_lengths": cost[name]["layer_lengths"]}
+        rows[name]["efficiency"] = rows[name]["speedup"] / rows[name]["ideal"]
+    return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads",
+            "layers": args.layers, "full_layers": full_layers, "rows": rows}
+
+
+# --- report ----------------------------------------------------------------------------------------------
+def write_report(a: dict | None, b: dict | None, args, seconds: float) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Pruning methods side by side", "",
+             f"Generated by `python scripts/bench_methods.py{' --quick' if args.quick else ''}` in {seconds:.0f} s; "
+             "do not edit by hand. Every registered pruner (and each of its variants) is a row; random pruning is "
+             "the baseline every method must beat. The budget of every method is the number of visual tokens per "
+             "image the language model's *later* layers see (`keep_ratio` / `num_keep`); decoder-side methods see "
+             "all of them in their first layers, so the mean over layers is reported too.", ""]
+    if a is not None:
+        lines += [f"## A. Shipped shapes model ({a['model']})", "",
+                  f"Evaluation harness, {args.limit} held-out questions (`shapes_vqa`) and expressions "
+                  "(`shapes_refseg`) per point, the same for every row. Visual tokens per layer, FLOPs and KV-cache "
+                  "bytes are measured on one prompt (batch 1) relative to no pruning.", "",
+                  "| method | keep | VQA acc | cIoU | visual tokens / layer (mean) | per layer | prefill FLOPs vs full "
+                  "| KV bytes vs full |", "|---|---|---|---|---|---|---|---|"]
+        full = a["rows"]["full"][1.0]
+        for label, per_keep in a["rows"].items():
+            for keep, r in per_keep.items():
+                lines.append(f"| {label} | {keep} | {r['vqa']:.3f} | {r['ciou']:.3f} | {r['avg_visual_per_layer']:.1f} "
+                             f"| {' '.join(map(str, r['visual_per_layer']))} | {r['flops'] / full['flops']:.3f} "
+                             f"| {r['kv_bytes'] / full['kv_bytes']:.3f} |")
+        lines.append("")
+    if b is not None:
+        lines += [f"## B. Real width: LLaVA-1.5-7B architecture, random weights, {b['layers']} of {b['full_layers']} "
+                  f"decoder layers ({b['device']})", "",
+                  "Whole wrapped prefill (vision tower, projector, decoder, `use_cache=True`, one token of logits), "
+                  f"median of {args.repeats} interleaved repeats. Ideal = counted FLOPs of full / method; efficiency = "
+                  "measured speed-up / ideal. KV bytes: measured on the cache; counted = 2 · kv_heads · head_dim · "
+                  "bytes · Σ layer lengths.", "",
+                  "| setting | layer lengths | measured speed-up | ideal | efficiency | KV bytes measured | counted |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in b["rows"].items():
+            lines.append(f"| {name} | {' '.join(map(str, r['layer_lengths']))} | {r['speedup']:.2f} | {r['ideal']:.2f} "
+                         f"| {r['efficiency']:.2f} | {r['kv_bytes']} | {r['kv_bytes_counted']} |")
+        lines.append("")
+    path = out / "methods.md"
+    path.write_text("\n".join(lines))
+    (out / "methods_results.json").write_text(json.dumps({"A": a, "B": b}, indent=1, default=str))
+    if a is not None:
+        from vlmkit.viz.plot import scatter_lines
+
+        series = {label: [(r["avg_visual_per_layer"], r["vqa"]) for r in per_keep.values()]
+                  for label, per_keep in a["rows"].items()}
+        scatter_lines(series, title="shapes VQA accuracy vs visual tokens per decoder layer (mean)",
+                      xlabel="visual tokens per decoder layer (mean over layers)",
+                      ylabel="VQA accuracy").save(out / "methods_tradeoff.png")
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    sys.path.insert(0, str(REPO))
+    from vlmkit.demo import sweep_methods
+
+    methods = sweep_methods()
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; registered: {list(methods)}")
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+    print(f"methods: {', '.join(methods)}; keeps {args.keeps}", flush=True)
+    a = None if args.skip_accuracy else section_a(methods, args)
+    b = None if args.skip_speed else section_b(methods, args)
+    path = write_report(a, b, args, time.perf_counter() - start)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
