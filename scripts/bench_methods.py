@@ -38,12 +38,15 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=64, help="questions / expressions per task and point (A)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers at 7B width (B)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (B)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per prefill (B; the cost rows are per batch)")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--methods", nargs="*", default=None, help="method labels to run (default: every pruner)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(REPO / "docs"), help="folder for methods.md and methods_tradeoff.png")
+    p.add_argument("--speed-from", action="append", default=[],
+                   help="methods_results.json of an earlier run (e.g. on a GPU): its section B is added to the report")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -68,12 +71,16 @@ def measure_prefill(wrapped, inputs: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     lengths: list[int] = []
-    handles = [layer.register_forward_pre_hook(
-        lambda m, a, kw: lengths.append(int((a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True)
-        for layer in wrapped.family.decoder_layers]
+
+    def ran_on(module, args, output):  # a layer's output has the length it ran on (after any drop before it)
+        lengths.append(int((output[0] if isinstance(output, tuple) else output).shape[1]))
+
+    # registered before the wrapper's decoder stages add theirs, so each runs ahead of a stage's own output hook
+    handles = [layer.register_forward_hook(ran_on) for layer in wrapped.family.decoder_layers]
     text: list[int] = []
     hook = wrapped.register_assemble_hook(
-        lambda _, batch: text.append(int(batch.attention_mask.sum()) - sum(batch.visual_tokens_per_sample)))
+        lambda _, batch: text.append((int(batch.attention_mask.sum()) - sum(batch.visual_tokens_per_sample))
+                                     // batch.attention_mask.shape[0]))  # text tokens per row (rows alike)
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             out = wrapped(**inputs, use_cache=True)
@@ -84,7 +91,7 @@ def measure_prefill(wrapped, inputs: dict) -> dict:
     cache = out.past_key_values
     measured = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     k0 = cache.layers[0].keys  # [B, kv_heads, S, head_dim]
-    per_token = 2 * k0.shape[1] * k0.shape[3] * k0.element_size()
+    per_token = 2 * k0.shape[0] * k0.shape[1] * k0.shape[3] * k0.element_size()  # every row of the batch
     return {"layer_lengths": lengths, "visual_per_layer": [n - text[0] for n in lengths],
             "avg_visual_per_layer": statistics.fmean(n - text[0] for n in lengths),
             "flops": counter.get_total_flops(), "kv_bytes": measured, "kv_bytes_counted": per_token * sum(lengths)}
@@ -147,7 +154,7 @@ def section_b(methods: dict, args) -> dict:
         torch.set_num_threads(args.threads)
     config, full_layers = bc.load_config(bc.DEFAULT_CONFIG, args.layers)
     model = bc.build_model(config, device, dtype)
-    ids, mask, pixels = bc.synthetic_batch(config, 1, 35, 20, device, dtype)
+    ids, mask, pixels = bc.synthetic_batch(config, args.batch, 35, 20, device, dtype)
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     settings = {"full": []} | {f"{label} @ {keep}": [method_spec.format(k=keep)]
                                for label, method_spec in methods.items() for keep in args.keeps}
@@ -169,11 +176,41 @@ def section_b(methods: dict, args) -> dict:
         rows[name] = {**cost[name], "seconds": t, "speedup": base_t / t, "ideal": base_f / cost[name]["flops"],
                       "layer_lengths": cost[name]["layer_lengths"]}
         rows[name]["efficiency"] = rows[name]["speedup"] / rows[name]["ideal"]
-    return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads",
+    return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+                      f"batch {args.batch}, prefill of the full prompt {base_t * 1e3:.1f} ms",
             "layers": args.layers, "full_layers": full_layers, "rows": rows}
 
 
 # --- report ----------------------------------------------------------------------------------------------
+def _speed_table(b: dict, repeats) -> list[str]:
+    lines = [f"## B. Real width: LLaVA-1.5-7B architecture, random weights, {b['layers']} of {b['full_layers']} "
+             f"decoder layers ({b['device']})", "",
+             "Whole wrapped prefill (vision tower, projector, decoder, `use_cache=True`, one token of logits), "
+             f"median of {repeats} interleaved repeats. Ideal = counted FLOPs of full / method; efficiency = "
+             "measured speed-up / ideal. KV bytes: measured on the cache; counted = 2 · kv_heads · head_dim · "
+             "bytes · Σ layer lengths.", "",
+             "| setting | layer lengths | measured speed-up | ideal | efficiency | KV bytes measured | counted |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in b["rows"].items():
+        lengths = r["layer_lengths"]
+        shown = " ".join(map(str, lengths)) if len(lengths) <= 8 else \
+            " ".join(f"{n}×{k}" for k, n in _runs(lengths))
+        lines.append(f"| {name} | {shown} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['efficiency']:.2f} "
+                     f"| {r['kv_bytes']} | {r['kv_bytes_counted']} |")
+    return lines + [""]
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """[(value, count)] of consecutive equal values."""
+    out: list[list[int]] = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return [(v, n) for v, n in out]
+
+
 def write_report(a: dict | None, b: dict | None, args, seconds: float) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,21 +235,14 @@ def write_report(a: dict | None, b: dict | None, args, seconds: float) -> Path:
                              f"| {r['kv_bytes'] / full['kv_bytes']:.3f} |")
         lines.append("")
     if b is not None:
-        lines += [f"## B. Real width: LLaVA-1.5-7B architecture, random weights, {b['layers']} of {b['full_layers']} "
-                  f"decoder layers ({b['device']})", "",
-                  "Whole wrapped prefill (vision tower, projector, decoder, `use_cache=True`, one token of logits), "
-                  f"median of {args.repeats} interleaved repeats. Ideal = counted FLOPs of full / method; efficiency = "
-                  "measured speed-up / ideal. KV bytes: measured on the cache; counted = 2 · kv_heads · head_dim · "
-                  "bytes · Σ layer lengths.", "",
-                  "| setting | layer lengths | measured speed-up | ideal | efficiency | KV bytes measured | counted |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, r in b["rows"].items():
-            lines.append(f"| {name} | {' '.join(map(str, r['layer_lengths']))} | {r['speedup']:.2f} | {r['ideal']:.2f} "
-                         f"| {r['efficiency']:.2f} | {r['kv_bytes']} | {r['kv_bytes_counted']} |")
-        lines.append("")
+        lines += _speed_table(b, args.repeats)
+    for extra in args.speed_from:
+        earlier = json.loads(Path(extra).read_text())
+        lines += _speed_table(earlier["B"], earlier.get("repeats", "?"))
     path = out / "methods.md"
     path.write_text("\n".join(lines))
-    (out / "methods_results.json").write_text(json.dumps({"A": a, "B": b}, indent=1, default=str))
+    (out / "methods_results.json").write_text(json.dumps({"A": a, "B": b, "repeats": args.repeats}, indent=1,
+                                                         default=str))
     if a is not None:
         from vlmkit.viz.plot import scatter_lines
 

@@ -149,6 +149,12 @@ class Family:
         """The self-attention module of ``decoder_layers[layer_index]``."""
         return self.decoder_layers[layer_index].self_attn
 
+    @property
+    def decoder_final_norm(self) -> nn.Module:
+        """The decoder's final norm (what the model applies to the last layer's output before the LM head);
+        maps hidden states [B, S, D] to [B, S, D] (DART compares tokens by it on an earlier layer's output)."""
+        return self.language_model.norm
+
     def decoder_attention_implementation(self, layer_index: int = 0) -> str:
         """The attention kernel ``decoder_layers[layer_index]`` runs (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``…);
         it fixes the format of the 4-D masks the layer takes (eager: additive float, sdpa: bool or None)."""

@@ -13,7 +13,7 @@ SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), 
 
 
 def line_plot(x: list[float], series: dict[str, list[float | None]], title: str = "", xlabel: str = "",
-              ylabel: str = "", size: tuple[int, int] = (640, 420), y_range: tuple[float, float] = (0.0, 1.0)
+              ylabel: str = "", size: tuple[int, int] = (780, 420), y_range: tuple[float, float] = (0.0, 1.0)
               ) -> "Image.Image":
     """One line per series over ``x`` (missing values skipped), with axes, ticks and a legend."""
     for name, ys in series.items():
@@ -24,16 +24,16 @@ def line_plot(x: list[float], series: dict[str, list[float | None]], title: str 
 
 
 def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "", xlabel: str = "", ylabel: str = "",
-                  size: tuple[int, int] = (640, 420), y_range: tuple[float, float] = (0.0, 1.0),
+                  size: tuple[int, int] = (780, 420), y_range: tuple[float, float] = (0.0, 1.0),
                   x_ticks: list[float] | None = None) -> "Image.Image":
-    """One line per series through its own (x, y) points (sorted by x), with axes, ticks and a legend."""
+    """One line per series through its own (x, y) points (sorted by x), with axes, ticks and a legend (right)."""
     from PIL import Image, ImageDraw
 
     xs = [p[0] for pts in series.values() for p in pts] or [0.0, 1.0]
     x0, x1 = min(xs), max(xs)
     x_ticks = x_ticks if x_ticks is not None else [x0 + i * (x1 - x0) / 5 for i in range(6)]
     W, H = size
-    left, right, top, bottom = 60, 20, 40, 50
+    left, right, top, bottom = 60, 150, 40, 50  # the legend sits in the right margin
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     y0, y1 = y_range
@@ -63,5 +63,7 @@ def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "",
             draw.line(points, fill=color, width=2)
         for p in points:
             draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
-        draw.text((left + 10, top + 8 + 14 * k), f"— {name}", fill=color)
+        ly = top + 8 + 16 * k
+        draw.line([W - right + 10, ly + 6, W - right + 30, ly + 6], fill=color, width=3)
+        draw.text((W - right + 36, ly), name, fill=color)
     return img
