@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def section_a(methods: dict, args) -> dict:
     hf_logging.disable_progress_bar()  # the harness reloads the checkpoint for every point
     model, processor, description, spec = load_default()
     description = os.path.relpath(description, REPO) if os.path.isabs(description) else description
-    data_root = Path(args.out) / ".bench_methods_data"
+    data_root = Path(tempfile.mkdtemp(prefix="bench_methods_"))  # the harness writes the shapes data here
     sample = generate(1, seed=123)[0]
     predictor_prompt = "how many shapes are there ?"
 

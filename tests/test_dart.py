@@ -12,9 +12,8 @@ import functools
 
 import pytest
 import torch
-from _stages import LayerProbeConfig
 from conftest import make_batch, shared_tiny
-from test_decoder_prune import QUESTIONS, _generate, wrapped_model
+from test_decoder_prune import QUESTIONS, wrapped_model
 
 import vlmkit
 from vlmkit import compat
@@ -97,113 +96,13 @@ def test_budgets_and_config():
     assert config_from_dict(config(pivot_image=2).to_dict()) == config(pivot_image=2)
 
 
-# --- identity ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
-def test_keep_everything_is_the_unwrapped_model(family):
-    model, processor = shared_tiny(family)
-    batch = make_batch(processor, QUESTIONS, [1, 1])
-    with torch.no_grad():
-        ref_logits, ref_tokens = model(**batch).logits, _generate(model, batch)
-    with wrapped_model(family, config(keep_ratio=1.0)) as (wrapped, _, _):
-        with torch.no_grad():
-            assert torch.equal(wrapped(**batch).logits, ref_logits)
-        assert torch.equal(_generate(wrapped, batch), ref_tokens)
-
-
-# --- lengths the layers see and the cache holds -----------------------------------------------------------
 def _assembled(wrapped, batch):
     image_kwargs = {k: batch[k] for k in wrapped.family.image_kwarg_names if k in batch}
     return wrapped.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], **image_kwargs)
 
 
-def _expected_kept(wrapped, batch, c: DARTConfig) -> list[int]:
-    """Real tokens each row keeps after the drop: its text + per image the budget of its G grid tokens."""
-    assembled = _assembled(wrapped, batch)
-    out = []
-    for b in range(assembled.attention_mask.shape[0]):
-        real = assembled.attention_mask[b].bool()
-        n = int(real.sum()) - int((assembled.visual_mask[b] & real).sum())
-        for key in assembled.image_id[b][assembled.visual_mask[b] & real].unique().tolist():
-            n += c.visual_to_keep(int((assembled.image_id[b] == key).sum()))
-        out.append(n)
-    return out
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_layer_lengths_and_cache(family):
-    c = config()
-    with wrapped_model(family, c, LayerProbeConfig()) as (wrapped, _, processor):
-        batch = compat.make_batch(processor, [0, 1], "left")  # one image / two images
-        probe = wrapped.stages["test_layer_probe"]
-        S = batch["input_ids"].shape[1]
-        kept = _expected_kept(wrapped, batch, c)
-        S_kept = max(kept)
-        assert S_kept < S and len(set(kept)) > 1
-        masks = []  # key length of the mask layer K's attention gets at every decode step
-
-        def record(module, args, kwargs):
-            if kwargs["hidden_states"].shape[1] == 1:
-                masks.append(kwargs["attention_mask"].shape[-1])
-
-        hook = wrapped.family.decoder_attention(K).register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                out = wrapped(**batch)
-                assert out.logits.shape[1] == S
-                assert probe.calls == [[S, S_kept]]
-                probe.calls.clear()
-                gen = _generate(wrapped, batch, n=4, return_dict_in_generate=True)
-        finally:
-            hook.remove()
-        assert probe.calls == [[S, S_kept]] + [[1, 1]] * 3
-        assert [layer.keys.shape[-2] for layer in gen.past_key_values.layers] == [S + 3, S_kept + 3]
-        assert masks == [S_kept + t for t in (1, 2, 3)]
-
-
-# --- teacher forcing equals the cached generate path -------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
-def test_teacher_forced_logits_equal_generate(family):
-    with wrapped_model(family, config()) as (wrapped, _, processor):
-        batch = make_batch(processor, QUESTIONS[1:], [1])
-        S = batch["input_ids"].shape[1]
-        gen = _generate(wrapped, batch, n=4, return_dict_in_generate=True, output_logits=True)
-        answer = gen.sequences[:, S:S + 3]
-        full = dict(batch)
-        full["input_ids"] = torch.cat([batch["input_ids"], answer], dim=1)
-        full["attention_mask"] = torch.ones_like(full["input_ids"])
-        full.pop("mm_token_type_ids", None)
-        labels = torch.full_like(full["input_ids"], -100)
-        labels[:, S:] = answer
-        with torch.no_grad():
-            out = wrapped(**full, labels=labels)
-        torch.testing.assert_close(out.logits[:, S - 1:], torch.stack(gen.logits, dim=1), atol=1e-4, rtol=1e-4)
-
-
-# --- batches, attention kernels ------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
-def test_padded_batch_equals_each_sample_alone(family):
-    with wrapped_model(family, config()) as (wrapped, _, processor):
-        batch = compat.make_batch(processor, [0, 1], "left")  # sample 1 holds two images of other sizes
-        S = batch["input_ids"].shape[1]
-        gen = _generate(wrapped, batch)
-        for k in range(2):
-            alone = compat.make_batch(processor, [k], "left")
-            one = _generate(wrapped, alone)[0, alone["input_ids"].shape[1]:]
-            assert torch.equal(gen[k, S:], one), f"sample {k}"
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_eager_equals_sdpa(family):
-    model, processor = shared_tiny(family)
-    batch = make_batch(processor, QUESTIONS, [1, 1])
-    results = {}
-    for attn in ("eager", "sdpa"):
-        with wrapped_model(family, config(), attn=attn) as (wrapped, _, _):
-            with torch.no_grad():
-                results[attn] = (wrapped(**batch).logits, _generate(wrapped, batch))
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(results["eager"][0][real], results["sdpa"][0][real], atol=1e-4, rtol=1e-4)
-    assert torch.equal(results["eager"][1], results["sdpa"][1])
+# The generic checks (keep everything = the unwrapped model, layer lengths and KV cache, teacher forcing = cached
+# generate, padded batch = each sample alone, eager = SDPA) run for DART in tests/test_decoder_prune.py (METHODS).
 
 
 # --- the selection inside the model against an independent recomputation ---------------------------------

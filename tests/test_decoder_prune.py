@@ -19,6 +19,7 @@ from conftest import make_batch, shared_tiny
 
 import vlmkit
 from vlmkit import compat
+from vlmkit.decoder.dart import DARTConfig
 from vlmkit.decoder.fastv import FastVConfig, fastv_select
 from vlmkit.decoder.pdrop import PDropConfig
 from vlmkit.decoder.prune import average_visual_tokens
@@ -26,7 +27,8 @@ from vlmkit.decoder.vtw import VTWConfig
 
 FAMILIES = ["llava", "internvl", "qwen2_5_vl"]
 QUESTIONS = ["what shape is it ?", "how many red circle are there in the image"]
-METHODS = {"fastv": lambda: FastVConfig(keep_ratio=0.5, layer=1), "vtw": lambda: VTWConfig()}
+METHODS = {"fastv": lambda: FastVConfig(keep_ratio=0.5, layer=1), "vtw": lambda: VTWConfig(),
+           "dart": lambda: DARTConfig(keep_ratio=0.5, layer=1)}
 K = 1
 
 
@@ -49,14 +51,14 @@ def _generate(model, batch, n=3, **kw):
 
 
 def _expected_kept(wrapped, batch, method: str) -> list[int]:
-    """Real tokens each row keeps after the drop: text + per image floor(G/2) (FastV) or nothing (VTW)."""
+    """Real tokens each row keeps after the drop: text + per image floor(G/2) (FastV, DART) or nothing (VTW)."""
     image_kwargs = {k: batch[k] for k in wrapped.family.image_kwarg_names if k in batch}
     assembled = wrapped.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], **image_kwargs)
     out = []
     for b in range(assembled.attention_mask.shape[0]):
         real = assembled.attention_mask[b].bool()
         n = int(real.sum()) - int((assembled.visual_mask[b] & real).sum())
-        if method == "fastv":
+        if method in ("fastv", "dart"):
             for key in assembled.image_id[b][assembled.visual_mask[b]].unique().tolist():
                 n += max(1, int((assembled.image_id[b] == key).sum()) // 2)
         out.append(n)
@@ -94,13 +96,14 @@ def test_budgets_and_average_visual_tokens():
 
 
 # --- identity ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [FastVConfig, DARTConfig])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keep_everything_is_the_unwrapped_model(family):
+def test_keep_everything_is_the_unwrapped_model(family, config):
     model, processor = shared_tiny(family)
     batch = make_batch(processor, QUESTIONS, [1, 1])
     with torch.no_grad():
         ref_logits, ref_tokens = model(**batch).logits, _generate(model, batch)
-    with wrapped_model(family, FastVConfig(keep_ratio=1.0, layer=K)) as (wrapped, _, _):
+    with wrapped_model(family, config(keep_ratio=1.0, layer=K)) as (wrapped, _, _):
         with torch.no_grad():
             assert torch.equal(wrapped(**batch).logits, ref_logits)
         assert torch.equal(_generate(wrapped, batch), ref_tokens)

@@ -207,15 +207,7 @@ class FoPru(PruneStage):
 
     def attach(self, family) -> None:
         super().attach(family)
-        (H, W), (p1, p2) = family.image_size, family.patch_size
-        patch_grid, (h, w) = (H // p1, W // p2), family.grid
-        factor = patch_grid[0] // h if h else 0
-        if not factor or patch_grid != (h * factor, w * factor):
-            raise ValueError(
-                f"FoPru scores patch tokens, but this {family.model_type} model's visual tokens (grid {h}×{w}) "
-                f"are not a pooled {patch_grid[0]}×{patch_grid[1]} patch grid (vision_feature_select_strategy "
-                "must be 'default')"
-            )
+        patch_grid, factor = family.patch_pooling("FoPru")
         self._layer = self._resolve_layer(family)
         family.vision_attention(self._layer)  # fail at wrap() time, not mid-forward
         self._patch_grid, self._factor = patch_grid, factor

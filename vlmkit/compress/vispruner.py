@@ -146,14 +146,7 @@ class ClsAttentionPruner(PruneStage):
 
     def attach(self, family) -> None:
         super().attach(family)
-        (H, W), (p1, p2) = family.image_size, family.patch_size
-        patch_grid, (h, w) = (H // p1, W // p2), family.grid
-        factor = patch_grid[0] // h if h else 0
-        if not factor or patch_grid != (h * factor, w * factor):
-            raise ValueError(
-                f"{self.config.type} scores patch tokens, but this {family.model_type} model's visual tokens "
-                f"(grid {h}×{w}) are not a pooled {patch_grid[0]}×{patch_grid[1]} patch grid "
-                "(vision_feature_select_strategy must be 'default')")
+        patch_grid, factor = family.patch_pooling(self.config.type)
         layer = family.feature_layer_index
         if layer is None:
             raise ValueError(f"{self.config.type} reads the attention of the layer whose output is the visual "

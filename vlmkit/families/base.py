@@ -226,6 +226,18 @@ class Family:
                              f"{self.model_type} model")
         return layer % n
 
+    def patch_pooling(self, stage: str) -> tuple[tuple[int, int], int]:
+        """``((ph, pw), f)``: one tile's patch grid and the f×f patches each visual token pools (f = 1: a token per
+        patch); ValueError naming ``stage`` when the visual tokens are not a pooled patch grid."""
+        (H, W), (p1, p2) = self.image_size, self.patch_size
+        patch_grid, (h, w) = (H // p1, W // p2), self.grid
+        factor = patch_grid[0] // h if h else 0
+        if not factor or patch_grid != (h * factor, w * factor):
+            raise ValueError(
+                f"{stage} scores patch tokens, but this {self.model_type} model's visual tokens (grid {h}×{w}) are not "
+                f"a pooled {patch_grid[0]}×{patch_grid[1]} patch grid (vision_feature_select_strategy must be 'default')")
+        return patch_grid, factor
+
     @property
     def vision_width(self) -> int:
         """Hidden size C of the vision tower's layers (width of their hidden states [B, S, C])."""
