@@ -38,6 +38,7 @@ def parse_args(argv):
     p.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.11])
     p.add_argument("--limit", type=int, default=64, help="questions / expressions per task and point (A)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers at 7B width (B)")
+    p.add_argument("--config", default=None, help="LLaVA config.json for B (default configs/llava-1.5-7b-hf.json)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (B)")
     p.add_argument("--batch", type=int, default=1, help="prompts per prefill (B; the cost rows are per batch)")
     p.add_argument("--skip-accuracy", action="store_true")
@@ -153,7 +154,7 @@ def section_b(methods: dict, args) -> dict:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if args.threads:
         torch.set_num_threads(args.threads)
-    config, full_layers = bc.load_config(bc.DEFAULT_CONFIG, args.layers)
+    config, full_layers = bc.load_config(args.config or bc.DEFAULT_CONFIG, args.layers)
     model = bc.build_model(config, device, dtype)
     ids, mask, pixels = bc.synthetic_batch(config, args.batch, 35, 20, device, dtype)
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

@@ -34,3 +34,26 @@ def test_bench_compression_runs_every_setting_padded_and_not(tmp_path, capsys):
                        "fopru 0.25 x8": 16}
     assert "matches the eager output_attentions route: True" in out
     assert "padded to x8:" in out and "as assembled:" in out
+
+
+def test_bench_methods_writes_the_report_with_exact_kv_bytes(tmp_path):
+    model, _ = tiny_vlm("llava")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(model.config.to_dict()))
+    bench = _script("bench_methods")
+    assert bench.main(["--config", str(config), "--layers", "3", "--repeats", "1", "--limit", "2", "--keeps", "0.5",
+                       "--methods", "random", "FastV", "--out", str(tmp_path), "--quiet"]) == 0
+    report = (tmp_path / "methods.md").read_text()
+    assert (tmp_path / "methods_tradeoff.png").is_file()
+    results = json.loads((tmp_path / "methods_results.json").read_text())
+    a, b = results["A"]["rows"], results["B"]["rows"]
+    assert set(a) == {"full", "random", "FastV"} and set(b) == {"full", "random @ 0.5", "FastV @ 0.5"}
+    # shipped model: 4 decoder layers, 64 visual tokens; FastV drops before layer 2, random before the LM
+    assert a["random"]["0.5"]["visual_per_layer"] == [32] * 4
+    assert a["FastV"]["0.5"]["visual_per_layer"] == [64, 64, 32, 32]
+    for rows in (a["random"], a["FastV"], {"": r for r in b.values()}):
+        for r in rows.values():
+            assert r["kv_bytes"] == r["kv_bytes_counted"]
+    full = b["full"]["layer_lengths"]
+    assert b["FastV @ 0.5"]["layer_lengths"][:2] == full[:2] and b["FastV @ 0.5"]["layer_lengths"][2] < full[2]
+    assert "| FastV | 0.5 |" in report and "| random @ 0.5 |" in report
