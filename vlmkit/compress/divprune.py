@@ -39,10 +39,10 @@ def divprune_select(embeds: torch.Tensor, num_keep: int) -> torch.Tensor:
     chosen = torch.zeros(N, dtype=torch.bool, device=dist.device)
     chosen[first] = True
     min_dist = dist[first].clone()  # distance of every token to its closest kept token
-    for _ in range(num_keep - 1):
-        nxt = int(torch.argmax(min_dist.masked_fill(chosen, float("-inf"))))
-        chosen[nxt] = True
-        min_dist = torch.minimum(min_dist, dist[nxt])
+    for _ in range(num_keep - 1):  # index tensors, never read back to the host: no device sync per pick
+        nxt = torch.argmax(min_dist.masked_fill(chosen, float("-inf"))).view(1)
+        chosen.index_fill_(0, nxt, True)
+        min_dist = torch.minimum(min_dist, dist.index_select(0, nxt)[0])
     return chosen.nonzero().flatten()
 
 

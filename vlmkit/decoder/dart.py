@@ -121,20 +121,27 @@ def dart_select(keys_l1: torch.Tensor, text_keys_l1: torch.Tensor, states_img: t
     # reference's ``for item in list(tmp_set)`` iterates
     order = list(set([img_pos[i] for i in img_pivots] + [txt_pos[j] for j in txt_pivots]))
     base, extra = divmod(num_keep - p_img, len(order))
+    takes = [base + (1 if n < extra else 0) for n in range(len(order))]
     states = states_img.detach().float()
-    chosen = set(img_pivots)
-    candidates = [i for i in range(N) if i not in chosen]  # ascending: stable sorts give ties to the lower index
-    for n, position in enumerate(order):
-        take = base + (1 if n < extra else 0)
-        if take == 0:
-            continue
-        cand = torch.tensor(candidates, dtype=torch.long, device=states.device)
-        sim = torch.nn.functional.cosine_similarity(pivot_of[position].detach().float()[None], states[cand], dim=-1)
-        picked = torch.sort(sim.cpu(), stable=True).indices[:take].tolist()
-        taken = {candidates[i] for i in picked}
-        chosen |= taken
-        candidates = [i for i in candidates if i not in taken]
-    return torch.tensor(sorted(chosen), dtype=torch.long)
+    # ``cosine_similarity(pivot[None], states[cand])`` = ``sum((pivot / max(‖pivot‖, eps)) · (x / max(‖x‖, eps)))``
+    # per row: the same elementwise ops and per-row reductions, done once for all N image tokens (not per pivot on
+    # the shrinking candidate set), then read at the candidates: bit-identical values
+    eps = 1e-8
+    unit = states / torch.linalg.vector_norm(states, 2, dim=-1, keepdim=True).clamp_min(eps)
+    visited = [(position, take) for position, take in zip(order, takes) if take > 0]
+    sims = []
+    for position, _ in visited:
+        pivot = pivot_of[position].detach().float().to(states.device)
+        pivot = pivot / torch.linalg.vector_norm(pivot, 2, dim=-1, keepdim=True).clamp_min(eps)
+        sims.append((pivot[None] * unit).sum(-1))
+    sims = torch.stack(sims).cpu() if sims else torch.zeros((0, N))  # [pivots visited, N]: one host transfer
+    free = torch.ones(N, dtype=torch.bool)
+    free[img_pivots] = False
+    for n, (_, take) in enumerate(visited):
+        candidates = free.nonzero().flatten()  # ascending: the stable sort gives ties to the lower index
+        picked = candidates[torch.sort(sims[n, candidates], stable=True).indices[:take]]
+        free[picked] = False
+    return (~free).nonzero().flatten()
 
 
 @dataclasses.dataclass
