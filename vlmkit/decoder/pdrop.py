@@ -33,7 +33,7 @@ import dataclasses
 import math
 
 from ..config import StageConfig, register_stage
-from .fastv import last_row_attention
+from .fastv import FastV
 from .prune import DecoderPruneStage, check_drop_schedule, fix_ties_topk
 
 
@@ -75,10 +75,7 @@ class PDrop(DecoderPruneStage):
     def score_layer(self, drop_layer):
         return drop_layer  # layer K's own q/k on the hidden states entering it
 
-    def scores(self, family, layer_index, hidden, kwargs, query, valid):
-        q, k, scale = family.decoder_qk(layer_index, hidden, kwargs["position_embeddings"],
-                                        query_index=query[:, None].to(hidden.device))
-        return last_row_attention(q, k, scale, query.to(valid.device), valid)
+    scores = FastV.scores  # the last prompt token's attention row, from the scored layer's own q/k
 
     def select(self, scores, num_keep):
         return fix_ties_topk(scores, num_keep)
