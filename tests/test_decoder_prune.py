@@ -228,6 +228,36 @@ def test_fastv_scores_equal_eager_output_attentions(family):
         assert picked.tolist() == fastv_select(expected[b, cols], k).tolist()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pdrop_scores_equal_eager_output_attentions_of_the_drop_layer(family):
+    """PDrop scores a drop before layer K with layer K's own attention (not K−1's, as FastV does)."""
+    model, processor = shared_tiny(family)
+    batch = make_batch(processor, QUESTIONS, [1, 1], padding_side="left")
+    config = PDropConfig(keep_ratio=0.5, layers=(0.5,))  # 2 decoder layers: one drop, before layer 1
+    assert config.drop_schedule(2, 16)[0][0] == K
+    with wrapped_model(family, attn="eager") as (plain, _, _):
+        with torch.no_grad():
+            attn = plain(**batch, output_attentions=True).attentions[K]  # [B, H, S, S]
+        image_kwargs = {k: batch[k] for k in plain.family.image_kwarg_names if k in batch}
+        assembled = plain.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], **image_kwargs)
+    expected = attn[:, :, -1].mean(dim=1)
+    with wrapped_model(family, config) as (wrapped, _, _):  # the model's sdpa
+        stage = wrapped.stages["pdrop"]
+        seen, chosen = [], []
+        scores, select = stage.scores, stage.select
+        stage.scores = lambda *a, **kw: seen.append(scores(*a, **kw)) or seen[-1]
+        stage.select = lambda s, k: chosen.append((k, select(s, k))) or chosen[-1][1]
+        with torch.no_grad():
+            wrapped(**batch)
+    (got,) = seen
+    visual = assembled.visual_mask
+    torch.testing.assert_close(got[visual], expected[visual].float(), atol=1e-5, rtol=1e-4)
+    images = [(b, key) for b in range(visual.shape[0]) for key in assembled.image_id[b][visual[b]].unique().tolist()]
+    for (b, key), (k, picked) in zip(images, chosen, strict=True):
+        cols = torch.nonzero(assembled.image_id[b] == key).flatten()
+        assert picked.tolist() == fastv_select(expected[b, cols], k).tolist()  # top-k, ties to the lower index
+
+
 # --- PyramidDrop: several drops, on a 4-layer decoder ------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def deep_tiny(family: str, num_layers: int = 4):
