@@ -179,9 +179,8 @@ class Predictor:
         ``images[i]``: an image or a list of images of sample i (prompted with ``question``)."""
         nested = _image_lists(images, len(images))
         inputs = self.inputs(nested, [self.prompt(question, len(n)) for n in nested])
-        image_kwargs = {k: inputs[k] for k in self.wrapped.family.image_kwarg_names if inputs.get(k) is not None}
         batch = self.wrapped.assemble(inputs["input_ids"], inputs.get("pixel_values"), inputs["attention_mask"],
-                                      **image_kwargs)
+                                      **self.wrapped.image_inputs(inputs))
         return list(batch.tokens)
 
     def answer(self, images: Sequence[Any] | None, questions: Sequence[str], **generate_kwargs) -> list[Prediction]:
@@ -241,8 +240,8 @@ class Predictor:
         wrapped = self.wrapped
         full_ids = torch.cat([inputs["input_ids"], new], dim=1)
         full_mask = torch.cat([inputs["attention_mask"], keep.to(inputs["attention_mask"].dtype)], dim=1)
-        image_kwargs = {k: inputs[k] for k in wrapped.family.image_kwarg_names if inputs.get(k) is not None}
-        batch = wrapped.assemble(full_ids, inputs.get("pixel_values"), full_mask, padding_side="right", **image_kwargs)
+        batch = wrapped.assemble(full_ids, inputs.get("pixel_values"), full_mask, padding_side="right",
+                                 **wrapped.image_inputs(inputs))
         hidden = wrapped.run_language_model(batch, output_hidden_states=True).hidden_states[-1]
         positions = []
         for b in range(len(images)):

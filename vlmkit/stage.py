@@ -20,7 +20,7 @@ Roles (``Stage.role``):
   vision tower computes (FoPru's attention). ``PruneStage`` (``vlmkit.compress``) is the template of a pruner.
 - ``decoder``: acts *between* decoder layers while the language model runs (``decoder_context``), e.g.
   dropping visual positions at layer K; ``family.decoder_layers`` are the layers it hooks.
-- ``position`` (at most one scheme per model, counting encoders whose ``sets_positions`` is true): the
+- ``position`` (at most one scheme per model, counting encoders whose config's ``sets_positions`` is true): the
   ``position_ids`` of an assembled batch and a ``language_context`` (e.g. remapping the rotary embedding).
 - ``head``: post-processes the language model's output inside ``forward`` (``head_forward``: losses, mask
   logits). ``TextMaskHead`` turns generated text into masks; ``TokenMaskHead`` turns the hidden state of a
@@ -64,11 +64,6 @@ class Stage(nn.Module):
         super().__init__()
         self.config = config
 
-    @property
-    def sets_positions(self) -> bool:
-        """Whether this stage decides the language model's positions (at most one such stage per model)."""
-        return self.config.sets_positions
-
     def attach(self, family: "Family") -> None:
         """Check the config against the wrapped model (raise ValueError at ``wrap()`` time) and set up."""
 
@@ -99,7 +94,7 @@ class EncoderStage(Stage):
 
     @contextlib.contextmanager
     def language_context(self, family: "Family", batch: "AssembledBatch") -> Iterator[None]:
-        """Active around the language model; an encoder whose ``sets_positions`` is true lays out its
+        """Active around the language model; an encoder whose config's ``sets_positions`` is true lays out its
         tokens' positions here (MouSi experts' ``shared`` / ``row``)."""
         yield
 
@@ -227,7 +222,8 @@ class ImageTokenStage(VocabularyStage):
     def num_image_tokens(self) -> int:
         raise NotImplementedError
 
-    def image_prompt(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def image_prompt(self, input_ids: "torch.Tensor",
+                     attention_mask: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         """Left-padded prompt ids / mask [B, S] → the same ending with the image-start token."""
         raise NotImplementedError
 
@@ -236,5 +232,5 @@ class ImageTokenStage(VocabularyStage):
         raise NotImplementedError
 
     def codes_from_tokens(self, tokens: "torch.Tensor") -> "torch.Tensor":
-        """The generated image tokens [B, num_image_tokens] → codes [B, num_image_tokens] (ValueError if not codes)."""
+        """Generated image tokens [B, num_image_tokens] → codes [B, num_image_tokens] (ValueError if not codes)."""
         raise NotImplementedError

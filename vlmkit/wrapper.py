@@ -272,6 +272,11 @@ class VLMWrapper(nn.Module):
         return resize_placeholder_runs(input_ids, attention_mask, labels, old, [per_image] * len(tokens),
                                        self.family.placeholder_id, self.family.pad_token_id)
 
+    def image_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The entries of processor ``inputs`` that ``assemble`` takes as ``image_kwargs`` (the family's image
+        inputs, e.g. ``image_sizes``, and the compressors' inputs), without changing ``inputs``."""
+        return self._split_image_kwargs(dict(inputs))
+
     def _split_image_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Pop what the image pipeline takes: the family's image kwargs and the compressors' inputs."""
         names = [*self.family.image_kwarg_names,

@@ -136,7 +136,10 @@ def load_base_model(spec: str, recipe=None, device=None):
             from .recipes import DTYPES
 
             dtype = DTYPES[q.compute_dtype]
-        kwargs["quantization_config"] = bnb_config(recipe, dtype, quantization_skip_modules(recipe))
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(spec).model_type  # the family's part paths, not every family's
+        kwargs["quantization_config"] = bnb_config(recipe, dtype, quantization_skip_modules(recipe, model_type))
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
     model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
     processor = AutoProcessor.from_pretrained(spec)

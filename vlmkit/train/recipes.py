@@ -322,19 +322,12 @@ def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
-def part_paths(model_type: str | None = None) -> dict[str, list[str]]:
-    """Part alias → module paths (``Family.part_paths``) of the family of ``model_type``, or of every
-    registered family when None (quantizing while loading, before the model exists: the families' paths do
-    not collide, so the union matches each family's own paths)."""
-    from ..families.registry import family_class, supported_families
+def part_paths(model_type: str) -> dict[str, str]:
+    """Part alias → module path (``Family.part_paths``) of the family of ``model_type`` (known before the model
+    exists: quantizing while loading)."""
+    from ..families.registry import family_class
 
-    types = supported_families() if model_type is None else [model_type]
-    out: dict[str, list[str]] = {part: [] for part in MODULE_PARTS}
-    for t in types:
-        for part, path in family_class(t).part_paths.items():
-            if path not in out[part]:
-                out[part].append(path)
-    return out
+    return dict(family_class(model_type).part_paths)
 
 
 def _family_part_path(model: nn.Module, part: str, source: str) -> str:
@@ -419,15 +412,15 @@ def _compute_dtype(spec: QuantSpec, model: nn.Module) -> torch.dtype:
     return DTYPES[spec.compute_dtype]
 
 
-def quantization_skip_modules(recipe: Recipe, model_type: str | None = None) -> list[str]:
+def quantization_skip_modules(recipe: Recipe, model_type: str) -> list[str]:
     """Module paths ``from_pretrained`` keeps unquantized (``llm_int8_skip_modules``): the parts not
     under ``quantization.modules``, the fully trained parts and ``lm_head``. Part aliases resolve through
-    the family of ``model_type`` (``config.model_type`` of the checkpoint), or every family's paths if None."""
+    the family of ``model_type`` (``config.model_type`` of the checkpoint)."""
     q = recipe.quantization
     assert q is not None
     paths = part_paths(model_type)
-    skip = {path for alias in MODULE_PARTS if alias not in q.modules for path in paths[alias]}
-    skip |= {path for p in recipe.train if p in MODULE_PARTS for path in paths[p]}
+    skip = {paths[alias] for alias in MODULE_PARTS if alias not in q.modules}
+    skip |= {paths[p] for p in recipe.train if p in MODULE_PARTS}
     skip |= {p for p in recipe.train if p not in MODULE_PARTS and "." in p}
     skip.add("lm_head")
     return sorted(skip)
