@@ -198,16 +198,22 @@ def test_eager_equals_sdpa(family, method):
 
 
 # --- FastV's scores against the eager model's attentions -----------------------------------------------------
+def _eager_last_row_attention(family, batch, layer):
+    """The eager model's head-mean attention row of the last slot (left padding: the last prompt token) at decoder
+    layer ``layer`` [B, S], and the assembled batch."""
+    with wrapped_model(family, attn="eager") as (plain, _, _):
+        with torch.no_grad():
+            attn = plain(**batch, output_attentions=True).attentions[layer]  # [B, H, S, S]
+        image_kwargs = {k: batch[k] for k in plain.family.image_kwarg_names if k in batch}
+        assembled = plain.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], **image_kwargs)
+    return attn[:, :, -1].mean(dim=1), assembled
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fastv_scores_equal_eager_output_attentions(family):
     model, processor = shared_tiny(family)
     batch = make_batch(processor, QUESTIONS, [1, 1], padding_side="left")
-    with wrapped_model(family, attn="eager") as (plain, _, _):
-        with torch.no_grad():
-            attn = plain(**batch, output_attentions=True).attentions[K - 1]  # [B, H, S, S]
-        image_kwargs = {k: batch[k] for k in plain.family.image_kwarg_names if k in batch}
-        assembled = plain.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], **image_kwargs)
-    expected = attn[:, :, -1].mean(dim=1)  # left padding: the last prompt token is the last slot
+    expected, assembled = _eager_last_row_attention(family, batch, K - 1)
     with wrapped_model(family, FastVConfig(keep_ratio=0.5, layer=K)) as (wrapped, _, _):  # the model's sdpa
         stage = wrapped.stages["fastv"]
         seen, chosen = [], []
@@ -235,12 +241,7 @@ def test_pdrop_scores_equal_eager_output_attentions_of_the_drop_layer(family):
     batch = make_batch(processor, QUESTIONS, [1, 1], padding_side="left")
     config = PDropConfig(keep_ratio=0.5, layers=(0.5,))  # 2 decoder layers: one drop, before layer 1
     assert config.drop_schedule(2, 16)[0][0] == K
-    with wrapped_model(family, attn="eager") as (plain, _, _):
-        with torch.no_grad():
-            attn = plain(**batch, output_attentions=True).attentions[K]  # [B, H, S, S]
-        image_kwargs = {k: batch[k] for k in plain.family.image_kwarg_names if k in batch}
-        assembled = plain.assemble(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], **image_kwargs)
-    expected = attn[:, :, -1].mean(dim=1)
+    expected, assembled = _eager_last_row_attention(family, batch, K)
     with wrapped_model(family, config) as (wrapped, _, _):  # the model's sdpa
         stage = wrapped.stages["pdrop"]
         seen, chosen = [], []

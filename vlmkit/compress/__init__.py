@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from ..tokens import VisualTokens
 
 
+def keep_count(num_tokens: int, fraction: float) -> int:
+    """The budget rule every pruner shares: ``max(1, floor(num_tokens · fraction))`` (0 for no tokens); the
+    epsilon keeps e.g. 100 · 0.29 = 28.999… at 29."""
+    return 0 if num_tokens == 0 else max(1, math.floor(num_tokens * float(fraction) + 1e-9))
+
+
 @dataclasses.dataclass
 class PruneConfig(StageConfig):
     """Base config of a pruning compressor: how many visual tokens each image keeps."""
@@ -57,8 +63,8 @@ class PruneConfig(StageConfig):
         """How many of ``num_tokens`` uncompressed tokens one image keeps (ValueError if more than it has)."""
         if self.num_keep is not None:
             k = self.num_keep
-        else:  # the epsilon keeps e.g. 100 · 0.29 = 28.999… at 29
-            k = max(1, math.floor(num_tokens * float(self.keep_ratio) + 1e-9))
+        else:
+            k = keep_count(num_tokens, self.keep_ratio)
         if k > num_tokens:
             raise ValueError(f"num_keep={k} is larger than the {num_tokens} visual tokens of this image")
         return k

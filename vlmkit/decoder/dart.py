@@ -74,7 +74,7 @@ from typing import Iterator
 import torch
 
 from ..config import register_stage
-from .prune import DecoderPruneConfig, DecoderPruneStage
+from .prune import DecoderPruneConfig, DecoderPruneStage, image_layout
 
 
 def _top_desc(values: torch.Tensor, k: int) -> list[int]:
@@ -171,13 +171,7 @@ class _Layout:
     is an image-newline token, the grid tokens of each image, the layer K−1 input of the prefill."""
 
     def __init__(self, batch) -> None:
-        mask = batch.attention_mask.bool()
-        self.image = torch.where(batch.visual_mask & mask, batch.image_id, torch.full_like(batch.image_id, -1))
-        self.newline = torch.zeros_like(mask)
-        for key, tokens in enumerate(batch.tokens):
-            where = self.image == key
-            if int(where.sum()) == tokens.num_tokens:
-                self.newline[where] = tokens.is_newline.to(mask.device)
+        self.image, self.newline = image_layout(batch)
         self.key_input: tuple | None = None  # (hidden, position_embeddings) entering layer K−1 in the prefill
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..compress import keep_count
 from ..config import StageConfig, register_stage
 from .fastv import FastV
 from .prune import DecoderPruneStage, check_drop_schedule, fix_ties_topk
@@ -65,7 +66,7 @@ class PDropConfig(StageConfig):
         out, S = [], len(self.layers)
         for s, f in enumerate(self.layers, start=1):
             fraction = float(self.keep_ratio) if s == S else float(self.keep_ratio) ** (s / S)
-            kept = 0 if num_visual == 0 else max(1, math.floor(num_visual * fraction + 1e-9))
+            kept = keep_count(num_visual, fraction)
             out.append((math.floor(num_layers * float(f) + 0.5), min(kept, num_visual)))
         return check_drop_schedule(out, num_layers, self.type)
 

@@ -164,6 +164,19 @@ class DecoderPruneStage(DecoderStage):
                 h.remove()
 
 
+def image_layout(batch: "AssembledBatch") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image, newline)`` [B, S] of the assembled batch: per slot the image it belongs to (−1: text or padding)
+    and whether it is an image-newline token."""
+    mask = batch.attention_mask.bool()
+    image = torch.where(batch.visual_mask & mask, batch.image_id, torch.full_like(batch.image_id, -1))
+    newline = torch.zeros_like(mask)
+    for key, tokens in enumerate(batch.tokens):
+        where = image == key
+        if int(where.sum()) == tokens.num_tokens:  # slots of the image in token order
+            newline[where] = tokens.is_newline.to(mask.device)
+    return image, newline
+
+
 def _gather_seq(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``t`` [1 or B, S, …] gathered along the sequence axis at ``slots`` [B, S'] → [B, S', …]."""
     B = slots.shape[0]
@@ -181,12 +194,7 @@ class _Run:
         mask = batch.attention_mask.bool()
         self.B, self.S = mask.shape
         self.valid0 = mask
-        self.image0 = torch.where(batch.visual_mask & mask, batch.image_id, torch.full_like(batch.image_id, -1))
-        self.newline0 = torch.zeros_like(mask)
-        for key, tokens in enumerate(batch.tokens):
-            where = self.image0 == key
-            if int(where.sum()) == tokens.num_tokens:  # slots of the image in token order
-                self.newline0[where] = tokens.is_newline.to(mask.device)
+        self.image0, self.newline0 = image_layout(batch)
         grid = (self.image0 >= 0) & ~self.newline0
         self.grid_count = {key: int((grid & (self.image0 == key)).sum()) for key in range(len(batch.tokens))}
         self.schedules = {key: stage.config.drop_schedule(self.L, n) for key, n in self.grid_count.items()}
@@ -304,23 +312,20 @@ class _Run:
                     keep[b, cand[self.stage.select(row, k).to(cand.device)]] = True
         if bool((keep == valid).all()):
             return hidden  # nothing removed: the layout (and the layer inputs) stay as they are
-        counts = keep.sum(dim=1)
-        S_new = int(counts.max())
+        counts = keep.sum(dim=1).tolist()
+        S_new = max(counts)
         new_slots = torch.zeros((self.B, S_new), dtype=torch.long, device=slots.device)
         new_valid = torch.zeros((self.B, S_new), dtype=torch.bool, device=slots.device)
-        for b in range(self.B):
-            n = int(counts[b])
-            new_slots[b, S_new - n:] = slots[b][keep[b]]
+        # positions into the current layout (not the original) for the gathers of this layer's inputs
+        pos = torch.zeros_like(new_slots)
+        for b, n in enumerate(counts):
+            pos[b, S_new - n:] = torch.nonzero(keep[b]).flatten()
+            new_slots[b, S_new - n:] = slots[b, pos[b, S_new - n:]]
             new_valid[b, S_new - n:] = True
         if self.full is None:
             self.full = hidden.clone()
         else:
             self.full = self._scatter(hidden, self.segment)
-        # positions into the current layout (not the original) for the gathers of this layer's inputs
-        pos = torch.zeros_like(new_slots)
-        for b in range(self.B):
-            n = int(counts[b])
-            pos[b, S_new - n:] = torch.nonzero(keep[b]).flatten()
         hidden = torch.where(new_valid[..., None].to(hidden.device), _gather_seq(hidden, pos),
                              torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         replace: dict[str, Any] = {}
@@ -393,4 +398,5 @@ def fix_ties_topk(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     return order[:num_keep].sort().values
 
 
-__all__ = ["DecoderPruneConfig", "DecoderPruneStage", "average_visual_tokens", "check_drop_schedule", "fix_ties_topk"]
+__all__ = ["DecoderPruneConfig", "DecoderPruneStage", "average_visual_tokens", "check_drop_schedule", "fix_ties_topk",
+           "image_layout"]

@@ -8,6 +8,7 @@ model's file-safe name (``<spec>__<stage>-<non-default fields>...``) names its o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Sequence
@@ -56,10 +57,10 @@ class LoadedModel:
         e.g. READ), or None."""
         return self._head("token")
 
-    @property
+    @functools.cached_property
     def predictor(self):
         """A ``vlmkit.Predictor`` over this model whose prompts are passed as given (``prompt_style="raw"``):
-        the harness formats them itself (``build_input_text``)."""
+        the harness formats them itself (``build_input_text``). Built once per loaded model."""
         from ..predictor import Predictor
 
         return Predictor(self.wrapped, self.processor, prompt_style="raw")

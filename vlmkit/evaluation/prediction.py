@@ -63,21 +63,18 @@ def parse_gen_kwargs(text: str | dict | None) -> dict[str, Any]:
     return out
 
 
-def _generate_kwargs(gen: dict[str, Any], tokenizer) -> dict[str, Any]:
-    """A task's ``generation_kwargs`` (lmms-eval style) → ``generate`` kwargs: ``until`` dropped, 32 new tokens
-    by default, ``temperature: 0`` = greedy, sampling settings dropped when greedy, the tokenizer's pad id."""
+def _generate_kwargs(gen: dict[str, Any]) -> dict[str, Any]:
+    """A task's ``generation_kwargs`` (lmms-eval style) → ``Predictor`` generate kwargs: ``until`` dropped,
+    ``temperature: 0`` = greedy, sampling settings dropped when greedy, one beam. ``Predictor`` adds its
+    defaults (32 new tokens, greedy, the tokenizer's pad id)."""
     out = {k: v for k, v in gen.items() if k != "until"}
-    out.setdefault("max_new_tokens", 32)
     if out.get("temperature", None) == 0:
         out.pop("temperature")
         out["do_sample"] = False
-    out.setdefault("do_sample", False)
     out.setdefault("num_beams", 1)
-    if not out["do_sample"]:
+    if not out.get("do_sample", False):
         for k in ("temperature", "top_p", "top_k"):
             out.pop(k, None)
-    if tokenizer.pad_token_id is not None:
-        out["pad_token_id"] = tokenizer.pad_token_id
     return out
 
 
@@ -111,8 +108,7 @@ def generate_batch(
     Token counts come from the ``AssembledBatch`` the wrapper really feeds the language model
     (``Predictor.answer``); ``generated_tokens`` counts up to and with the first end-of-sequence.
     """
-    predictor = loaded.predictor
-    preds = predictor.answer(list(images), list(texts), **_generate_kwargs(gen, predictor.tokenizer))
+    preds = loaded.predictor.answer(list(images), list(texts), **_generate_kwargs(gen))
     return [_result(p, gen.get("until")) for p in preds]
 
 
@@ -126,9 +122,6 @@ def segment_batch(
     if loaded.mask_head is None:
         raise ValueError("this task's parser needs masks from a mask-producing head (e.g. vlmkit.READConfig); "
                          "the evaluated model has none")
-    nested = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-    if any(len(n) != 1 for n in nested):
-        raise ValueError("mask-producing heads take exactly one image per sample")
-    predictor = loaded.predictor
-    preds = predictor.segment([n[0] for n in nested], list(texts), **_generate_kwargs(gen, predictor.tokenizer))
+    # Predictor.segment takes an image or a one-image list per sample (ValueError otherwise)
+    preds = loaded.predictor.segment(list(images), list(texts), **_generate_kwargs(gen))
     return [{**_result(p, gen.get("until")), "masks": p.masks} for p in preds]
