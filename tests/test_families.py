@@ -134,7 +134,7 @@ class _OldStyleLlava(torch.nn.Module):
         self.config = _Config(model_type)
 
 
-@pytest.mark.parametrize("model_type", ["llava_llama", "qwen2_vl", None])
+@pytest.mark.parametrize("model_type", ["llava_llama", "qwen2_audio", None])
 def test_unknown_or_old_checkpoint_fails_at_wrap_with_supported_families(model_type):
     with pytest.raises(ValueError) as err:
         vlmkit.wrap(_OldStyleLlava(model_type))
@@ -327,15 +327,16 @@ def test_smolvlm_groups_tiles_into_images(family):
 
 
 # --- Qwen2.5-VL -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", ["fopru", "v2pe"])
-def test_qwen_refuses_fopru_and_1d_position_schemes_at_wrap(config):
-    from vlmkit.compress.fopru import FoPruConfig
-    from vlmkit.position.v2pe import V2PEConfig
+@pytest.mark.parametrize("config", ["visionzip", "vispruner"])
+def test_qwen_refuses_cls_row_pruners_at_wrap_with_the_models_reason(config):
+    """FoPru and the position schemes run on Qwen (tests/test_qwen_stages.py); the CLS-row pruners cannot, and the
+    refusal gives the model's reasons (no fixed tile whose patch grid they split; no CLS token)."""
+    from vlmkit.compress.visionzip import VisionZipConfig
+    from vlmkit.compress.vispruner import VisPrunerConfig
 
     model, _ = tiny("qwen2_5_vl")
-    stage = {"fopru": FoPruConfig(keep_ratio=0.5), "v2pe": V2PEConfig(stride=8)}[config]
-    match = {"fopru": "no fixed tile size", "v2pe": r"position schemes need 1-D RoPE.*M-RoPE"}[config]
-    with pytest.raises(ValueError, match=match):
+    stage = {"visionzip": VisionZipConfig(keep_ratio=0.5), "vispruner": VisPrunerConfig(keep_ratio=0.5)}[config]
+    with pytest.raises(ValueError, match="dynamic resolution: there is no fixed tile"):
         vlmkit.wrap(model, stage)
 
 

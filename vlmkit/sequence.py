@@ -51,19 +51,27 @@ def infer_padding_side(attention_mask: torch.Tensor) -> str:
     return "left" if bool((attention_mask[:, 0] == 0).any()) else "right"
 
 
-def _check_inputs(input_ids, attention_mask, labels, tokens, placeholder_id) -> torch.Tensor:
-    """Validate shapes and the placeholder count; return the [B, S] placeholder mask."""
+def _check_inputs(input_ids, attention_mask, labels, tokens, placeholder_id, run_mask=None) -> torch.Tensor:
+    """Validate shapes and the placeholder count; return the [B, S] mask of the images' run slots (``run_mask``,
+    default the placeholders)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
     for name, t in (("attention_mask", attention_mask), ("labels", labels)):
         if t is not None and t.shape != input_ids.shape:
             raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
     is_ph = input_ids == placeholder_id
+    if run_mask is not None:
+        if run_mask.shape != input_ids.shape or run_mask.dtype != torch.bool or bool((is_ph & ~run_mask).any()):
+            raise ValueError(f"run_mask must be a bool [B, S] mask like input_ids {tuple(input_ids.shape)} that holds "
+                             f"every placeholder, got {run_mask.dtype} of shape {tuple(run_mask.shape)}")
+        is_ph = run_mask
     counts = [t.num_uncompressed for t in tokens]
     if int(is_ph.sum()) != sum(counts):
+        n_other = int(is_ph.sum() - (input_ids == placeholder_id).sum())
+        other = f" and {n_other} other tokens of image runs" if n_other else ""
         raise ValueError(
-            f"input_ids hold {int(is_ph.sum())} image placeholder tokens (id {placeholder_id}) but the "
-            f"{len(tokens)} image(s) need {sum(counts)} ({' + '.join(map(str, counts)) or '0'}): "
+            f"input_ids hold {int((input_ids == placeholder_id).sum())} image placeholder tokens (id {placeholder_id})"
+            f"{other} but the {len(tokens)} image(s) need {sum(counts)} ({' + '.join(map(str, counts)) or '0'}): "
             "the number of images does not match the image markers in the text"
         )
     if bool((is_ph & (attention_mask == 0)).any()):
@@ -87,6 +95,7 @@ def assemble(
     pad_token_id: int = 0,
     padding_side: str | None = None,
     pad_to_multiple_of: int | None = None,
+    run_mask: torch.Tensor | None = None,
 ) -> AssembledBatch:
     """Build the language model's input from ``input_ids`` [B, S] and one ``VisualTokens`` per image.
 
@@ -96,11 +105,14 @@ def assemble(
     pruning changes the length the tokenizer padded to). Matrix kernels can be much slower at some
     lengths: oneDNN's float32 GEMM on a 4096-wide decoder ran 20 % slower at 343 rows than at 344
     (``scripts/bench_compression.py`` prints it).
+    ``run_mask`` [B, S] bool: the slots of the images' runs (``Family.image_run_mask``; default the placeholders).
+    Run slots that are not placeholders (Mistral 3's ``[IMG_BREAK]`` / ``[IMG_END]``) are filled from the
+    ``VisualTokens`` like the placeholders but keep their ids and labels in the output.
     """
     check_pad_to_multiple_of(pad_to_multiple_of)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    is_ph = _check_inputs(input_ids, attention_mask, labels, tokens, placeholder_id)
+    is_ph = _check_inputs(input_ids, attention_mask, labels, tokens, placeholder_id, run_mask)
     if padding_side is None:
         padding_side = infer_padding_side(attention_mask)
     if padding_side not in ("left", "right"):
@@ -158,7 +170,8 @@ def assemble(
         out_img[b, cols] = img_map[b, row]
         out_idx[b, cols] = idx_map[b, row]
         if labels is not None:
-            out_labels[b, cols] = torch.where(is_ph[b, row], IGNORE_INDEX, labels[b, row])
+            placeholder = input_ids[b, row] == placeholder_id  # other run slots keep their labels
+            out_labels[b, cols] = torch.where(placeholder, IGNORE_INDEX, labels[b, row])
 
     inputs_embeds = pool[out_src.reshape(-1)].reshape(B, L, D)
     return AssembledBatch(

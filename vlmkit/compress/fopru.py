@@ -4,21 +4,27 @@ vision encoder, with a global (``rank``) or whole-row (``row``) strategy; kept t
 There is no public reference code; the choices below follow the FoPru paper's method description where it
 is explicit, and are otherwise not fixed by the paper and chosen here:
 
-- Layer: ``layer=None`` scores the vision layer whose *output* is the features the model uses
-  (``family.feature_layer_index``: LLaVA's ``vision_feature_layer`` -2 → ``vision_layers[-2]``, i.e. layer
-  22 of CLIP-L, the same map as VisionZip's ``attentions[-2]``; InternVL -1 → the last layer). An int
-  indexes ``family.vision_layers``.
-- Attention: recomputed for that one layer by a pre-hook on its attention module
-  (``family.vision_attention``): the module's input is the layer-normed hidden states, so
-  ``softmax(q kᵀ · scale)`` with the layer's own q/k (``family.vision_qk``: its projections, and q/k norms
-  if it has them) reproduces the layer's probabilities exactly; the tower keeps its own (SDPA) attention.
-  Scores are computed in float32 under ``no_grad``.
+- Layer: a layer whose attention spans a whole tile / image (``family.global_vision_layers``; FoPru ranks an
+  image's tokens against each other, which a windowed layer cannot). ``layer=None`` scores the vision layer whose
+  *output* is the features the model uses (``family.feature_layer_index``: LLaVA's ``vision_feature_layer`` -2
+  → ``vision_layers[-2]``, i.e. layer 22 of CLIP-L, the same map as VisionZip's ``attentions[-2]``; InternVL,
+  Qwen2.5-VL -1 → the last layer), or, if that layer attends within windows only, the last global layer before
+  it. An int indexes ``family.vision_layers`` and must be a global layer (ValueError naming them otherwise).
+  Qwen2.5-VL's windowed tower: the full-attention layers are ``fullatt_block_indexes`` (7, 15, 23, 31 of 32), so
+  the default is layer 31, the feature layer itself; Qwen2-VL's tower has no windows (every layer global).
+- Attention: recomputed for that one layer from what its attention module receives
+  (``family.on_vision_attention``, the tower keeps its own SDPA / flash attention): per independent attention
+  group (a tile; one image of a packed tower such as Qwen's, cut by its ``cu_seqlens``), ``softmax(q kᵀ · scale)``
+  with the layer's own q/k (``family.vision_qk``: its projections, q/k norms if it has them, the tower's rotary
+  embedding if it has one) reproduces the layer's probabilities exactly. Scores are computed in float32 under
+  ``no_grad``, in chunks of queries for long sequences.
 - Significance: mean over heads and over queries of the attention each key receives (the column mean;
   the row mean is constant 1/(N+1)). The CLS *key* column is dropped after the softmax (no
   renormalisation); the CLS *query* row is included unless ``cls_query=False``.
-- InternVL: one language-model token is a pixel-shuffled 2×2 block of patches (token (r, c) holds
-  patches rows 2r..2r+1, cols 2c..2c+1; see ``InternVLModel.pixel_shuffle``); its score is the **sum**
-  of its patches' scores (the attention the block receives in total).
+- A language-model token that holds several patches gets the **sum** of its patches' scores (the attention
+  the block receives in total): InternVL's pixel-shuffled 2×2 blocks (token (r, c) holds patch rows 2r..2r+1,
+  cols 2c..2c+1; see ``InternVLModel.pixel_shuffle``), Qwen's 2×2 merge units, mapped back from the tower's window
+  order to the model's token order (``AttentionGroup.token``).
 - ``rank``: the K highest scores. ``row``: rows ranked by mean score; the ⌊K/w⌋ best rows are kept
   whole and the remaining K mod w tokens are the highest-scoring tokens of the next-best row (so K < w
   keeps the best tokens of the best row). Ties go to the lower index. Tiled images (InternVL) are
@@ -63,7 +69,7 @@ class FoPruConfig(PruneConfig):
 
     type = "fopru"
     display_name = "FoPru"
-    requires = ("patch_grid",)
+    requires = ("vision_attention",)
     strategy: str = "rank"
     layer: int | None = None
     cls_query: bool = True
@@ -156,33 +162,43 @@ def run_rows(tokens: VisualTokens) -> torch.Tensor:
     return row
 
 
+#: float elements of one chunk of attention probabilities (H · queries · keys) in ``attention_received``
+CHUNK_ELEMENTS = 1 << 26
+
+
 @torch.no_grad()
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, cls_query: bool = True) -> torch.Tensor:
-    """Mean attention each key receives: q, k [B, H, S, d] (``Family.vision_qk``) -> [B, S] (mean over heads
-    and queries), computed in float32.
+    """Mean attention each key receives: q [B, H, Sq, d], k [B, H, S, d] (``Family.vision_qk``) -> [B, S] (mean
+    over heads and queries), computed in float32.
 
-    ``cls_query=False`` leaves the first query (CLS) out of the mean.
+    ``cls_query=False`` leaves the first query (CLS) out of the mean. Long sequences are summed over chunks of
+    queries (softmax is per query, so chunking is exact up to float rounding), at most ``CHUNK_ELEMENTS`` floats each.
     """
     q, k = q.float(), k.float()
+    if not cls_query:
+        q = q[:, :, 1:]
+    H, Sq, S = q.shape[1], q.shape[2], k.shape[2]
+    step = max(1, CHUNK_ELEMENTS // max(1, H * S))
     out = []
-    for b in range(q.shape[0]):  # one image at a time keeps memory at H·S² floats
-        probs = torch.softmax(q[b] @ k[b].transpose(-1, -2) * scale, dim=-1)  # [H, S, S]
-        if not cls_query:
-            probs = probs[:, 1:]
-        out.append(probs.mean(dim=(0, 1)))
+    for b in range(q.shape[0]):  # one image at a time keeps memory at H·S² floats (or a chunk of it)
+        if step >= Sq:
+            out.append(torch.softmax(q[b] @ k[b].transpose(-1, -2) * scale, dim=-1).mean(dim=(0, 1)))
+            continue
+        total = torch.zeros(S, dtype=torch.float32, device=q.device)
+        for i in range(0, Sq, step):
+            total += torch.softmax(q[b, :, i:i + step] @ k[b].transpose(-1, -2) * scale, dim=-1).sum(dim=(0, 1))
+        out.append(total / (H * Sq))
     return torch.stack(out)
 
 
-def patch_to_token_scores(key_scores: torch.Tensor, patch_grid: tuple[int, int], factor: int) -> torch.Tensor:
-    """Key scores [B, S] (CLS first if S = h·w + 1) -> token scores [B, (h/f)·(w/f)]: drop CLS, sum f×f blocks."""
-    ph, pw = patch_grid
-    B, S = key_scores.shape
-    if S == ph * pw + 1:
-        key_scores = key_scores[:, 1:]
-    elif S != ph * pw:
-        raise ValueError(f"{S} attention keys do not match the {ph}×{pw} patch grid (+ optional CLS)")
-    blocks = key_scores.reshape(B, ph // factor, factor, pw // factor, factor)
-    return blocks.sum(dim=(2, 4)).reshape(B, -1)
+def group_token_scores(group, cls_query: bool = True) -> torch.Tensor:
+    """FoPru's token scores of one ``AttentionGroup`` (a tile / an image of a vision layer's attention) -> [n] float32:
+    the mean attention each key receives (``attention_received``; the prefix (CLS) queries count unless
+    ``cls_query=False``), summed over the keys that feed each token (prefix keys dropped, no renormalisation)."""
+    q = group.q if cls_query or not group.prefix else group.q[:, group.prefix:]
+    keys = attention_received(q[None], group.k[None], group.scale)[0][group.prefix:]
+    scores = torch.zeros(group.num_tokens, dtype=torch.float32, device=keys.device)
+    return scores.index_add_(0, group.token.to(keys.device), keys.float())  # bf16 under autocast
 
 
 @register_stage(FoPruConfig)
@@ -195,22 +211,29 @@ class FoPru(PruneStage):
 
     def _resolve_layer(self, family) -> int:
         n = len(family.vision_layers)
+        global_layers = family.global_vision_layers
         layer = self.config.layer
         if layer is None:
-            layer = family.feature_layer_index  # the layer whose output the model uses
-            if layer is None:
+            feature = family.feature_layer_index  # the layer whose output the model uses
+            if feature is None:
                 raise ValueError(f"FoPru cannot follow vision_feature_layer={family.feature_layer!r}; "
                                  "set FoPruConfig(layer=...)")
+            before = [i for i in global_layers if i <= feature]
+            if not before:
+                raise ValueError(f"FoPru: no vision layer up to the feature layer {feature} attends globally "
+                                 f"(global layers: {global_layers}); set FoPruConfig(layer=...)")
+            return before[-1]
         if not -n <= layer < n:
             raise ValueError(f"FoPru layer={layer} out of range for {n} vision layers; accepted: {-n}..{n - 1}")
+        if layer % n not in global_layers:
+            raise ValueError(f"FoPru layer={layer} attends within windows only; the layers whose attention spans a "
+                             f"whole image are {global_layers}")
         return layer % n
 
     def attach(self, family) -> None:
         super().attach(family)
-        patch_grid, factor = family.patch_pooling("FoPru")
         self._layer = self._resolve_layer(family)
-        family.vision_attention(self._layer)  # fail at wrap() time, not mid-forward
-        self._patch_grid, self._factor = patch_grid, factor
+        family.check_vision_attention(self._layer, "FoPru")  # fail at wrap() time, not mid-forward
 
     @property
     def scored_layer(self) -> int:
@@ -221,23 +244,24 @@ class FoPru(PruneStage):
         """The attention module whose probabilities FoPru recomputes (not stored: it belongs to the model)."""
         return family.vision_attention(self._layer)
 
-    def token_scores(self, family, attention_input: torch.Tensor) -> torch.Tensor:
-        """Input of the scored attention module [B, S, C] -> per-token scores [B, h·w] (float32)."""
-        has_cls = attention_input.shape[1] == self._patch_grid[0] * self._patch_grid[1] + 1
+    def group_scores(self, groups) -> torch.Tensor:
+        """Token scores of the attention groups of one call of the scored layer: [groups, n] when every group
+        has n tokens (tiles), else [Σ n] (images of a packed tower), in group order."""
         with torch.no_grad():
-            q, k, scale = family.vision_qk(self._layer, attention_input)
-        keys = attention_received(q, k, scale, self.config.cls_query or not has_cls)
-        return patch_to_token_scores(keys, self._patch_grid, self._factor)
+            scores = [group_token_scores(g, self.config.cls_query) for g in groups]
+        if len({int(s.numel()) for s in scores}) == 1:
+            return torch.stack(scores)
+        return torch.cat(scores)
+
+    def token_scores(self, family, attention_input: torch.Tensor) -> torch.Tensor:
+        """Input of the scored attention module [B, S, C] (one tile per row) -> per-token scores [B, h·w]
+        (float32)."""
+        return self.group_scores(family.vision_attention_groups(self._layer, attention_input))
 
     @contextlib.contextmanager
     def vision_context(self, family) -> Iterator[None]:
         records: list[torch.Tensor] = []
-
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            records.append(self.token_scores(family, hidden))
-
-        handle = self.scored_attention(family).register_forward_pre_hook(hook, with_kwargs=True)
+        handle = family.on_vision_attention(self._layer, lambda groups: records.append(self.group_scores(groups)))
         self._records = records
         try:
             yield
@@ -248,27 +272,26 @@ class FoPru(PruneStage):
     def compress(self, tokens: list[VisualTokens]) -> list[VisualTokens]:
         if self._records is None:
             raise RuntimeError("FoPru.compress needs the scores recorded by its vision_context (use VLMWrapper)")
-        scores = torch.cat(self._records) if self._records else torch.empty(0)
-        per_tile = self._patch_grid[0] * self._patch_grid[1] // self._factor**2
+        # one score per tower token, in the order the tower ran them (tiles / images one after the other)
+        scores = torch.cat([r.reshape(-1) for r in self._records]) if self._records else torch.empty(0)
         # tower tokens each image came from: num_sources with a source map, else its run (tile-major)
         sizes = [t.num_uncompressed if t.source is None else int(t.num_sources) for t in tokens]
-        if scores.shape[0] * per_tile != sum(sizes):
+        if scores.numel() != sum(sizes):
             raise ValueError(
-                f"FoPru recorded {scores.shape[0]} tile(s) of attention ({scores.shape[0] * per_tile} tower tokens) "
-                f"but the images come from {sum(sizes)} tower tokens: another stage re-ran the vision tower?"
+                f"FoPru recorded the attention of {scores.numel()} tower tokens but the images come from "
+                f"{sum(sizes)} tower tokens: another stage re-ran the vision tower?"
             )
         out, start = [], 0
         for t, size in zip(tokens, sizes):
             if t.num_tokens != t.num_uncompressed:
                 raise ValueError("FoPru prunes uncompressed images: put it before other compressors")
-            if size % per_tile:
-                raise ValueError(f"an image of {size} tower tokens is not a whole number of {per_tile}-token tiles")
-            tiles = size // per_tile
-            s = scores[start : start + tiles].reshape(1, -1).to(t.embeds.device)
-            start += tiles
+            s = scores[start : start + size][None].to(t.embeds.device)
+            start += size
             if t.source is None:
                 h, w = t.grid
-                keep = fopru_select(s, (tiles * h, w), self.config.num_to_keep(t.num_tokens), self.config.strategy)[0]
+                if size % (h * w):
+                    raise ValueError(f"an image of {size} tokens is not a whole number of {h}×{w} tiles")
+                keep = fopru_select(s, (size // w, w), self.config.num_to_keep(t.num_tokens), self.config.strategy)[0]
                 out.append(dataclasses.replace(t, scores=s[0]).select(keep))
                 continue
             grid = t.grid_positions()

@@ -25,8 +25,9 @@ Choices this module fixes where the reference is open or differs:
   ``fastv_select`` keeps the lower index.
 - **Scores without eager attention**: the reference forces ``output_attentions`` (eager) for layer K−1; here the
   probabilities of the one query row are recomputed from layer K−1's own q/k (``family.decoder_qk``: input norm,
-  projections, RoPE, GQA keys repeated), softmax in float32 over the row's real causal keys — the model keeps its
-  attention kernel.
+  projections, RoPE, GQA keys repeated), softmax in float32 over the row's real causal keys (on a sliding-window
+  layer, ``family.decoder_sliding_window``, only the keys inside its window, as the layer attends) — the model keeps
+  its attention kernel.
 - **Query row under ``forward`` with labels**: the last prompt token = the token before the first supervised
   label (the reference scores row −1 of whatever sequence it gets), so teacher-forced logits equal ``generate``'s.
 - **Padding / mask**: the reference rebuilds a padding-free causal mask after pruning; here rows are re-packed
@@ -77,6 +78,10 @@ class FastV(DecoderPruneStage):
     def scores(self, family, layer_index, hidden, kwargs, query, valid):
         q, k, scale = family.decoder_qk(layer_index, hidden, kwargs["position_embeddings"],
                                         query_index=query[:, None].to(hidden.device))
+        window = family.decoder_sliding_window(layer_index)
+        if window is not None:  # a sliding layer's query sees only the keys less than `window` slots before it
+            ar = torch.arange(valid.shape[1], device=valid.device)
+            valid = valid & (ar[None, :] > query.to(valid.device)[:, None] - window)
         return last_row_attention(q, k, scale, query.to(valid.device), valid)
 
     def select(self, scores, num_keep):

@@ -16,11 +16,15 @@ How a drop works (``DecoderPruneStage.decoder_context``; one ``_Run`` per langua
   selected visual tokens (``select``), order preserved; the rows are re-packed **left-padded** to the longest
   kept row (the batch's own padding is dropped too), so the last real token sits in the last slot. Layers ≥ K
   get, in place of what the decoder loop hands every layer: the gathered hidden states, the gathered RoPE
-  ``position_embeddings`` (cos/sin along the sequence axis: kept tokens keep their ORIGINAL positions, M-RoPE
-  included, since its cos/sin are per token), the gathered ``position_ids`` (``cache_position``, if a model
-  passes it, is cut to the new length as in FastV's HF build) and our own 4-D mask: causal in slot order (=
-  original order) over the real slots of the row; padding slots attend to themselves only (no all-masked rows,
-  hence no NaN). Eager gets an additive float mask in the dtype of the model's own mask, SDPA a bool mask.
+  ``position_embeddings`` (cos/sin along the sequence axis, each layer its own: kept tokens keep their ORIGINAL
+  positions, M-RoPE included, since its cos/sin are per token; Gemma 3's local and global layers use different
+  bases), the gathered ``position_ids`` (``cache_position``, if a model passes it, is cut to the new length as in
+  FastV's HF build) and our own 4-D mask: causal in slot order (= original order) over the real slots of the row,
+  OR the family's bidirectional blocks among the kept slots (``Family.decoder_attention_blocks``: Gemma 3's image
+  runs), AND, on a sliding-window layer (``Family.decoder_sliding_window``), keys less than W slots before the query,
+  counted on the re-packed slots (the tokens the layer holds, as if it had been given the shorter sequence); padding
+  slots attend to themselves only (no all-masked rows, hence no NaN). Eager gets an additive float mask in the dtype
+  of the model's own mask, SDPA a bool mask.
 - **Output**: a forward hook on the last layer scatters the final hidden states of the kept positions back to
   their original slots; a dropped position carries the hidden state it had when it was dropped. So the decoder
   returns the assembled length: ``logits`` [B, S, V] line up with ``batch.labels`` and the model's own loss is
@@ -29,15 +33,17 @@ How a drop works (``DecoderPruneStage.decoder_context``; one ``_Run`` per langua
 - **KV cache** (DynamicCache): each layer's attention appends to its own cache layer, so layers < K hold the full
   prompt and layers ≥ K the re-packed one. **Decode steps**: layers < K run as the model built them; layers ≥ K
   get a mask over their own cache: the row's real slots of the re-packed prompt (kept per segment), then the
-  model's own mask columns of the generated tokens. Positions of new tokens are the model's (original numbering).
+  model's own mask columns of the generated tokens (of that layer's mask). A sliding layer's cache keeps only its
+  last W − 1 keys: its mask covers the keys ``cache.get_mask_sizes`` reports, those of its re-packed history inside
+  the window. Positions of new tokens are the model's (original numbering).
 - **Which query scores** (FastV, PDrop): the last prompt token of each row: the last real token, or, when
   ``forward`` gets ``labels``, the token before the row's first supervised label. Hence teacher-forced logits of
   prompt + answer equal the logits ``generate`` produces step by step.
 - **A drop that removes nothing** (every image keeps all its tokens) leaves the layout and the layer inputs
   untouched, so it is bit-identical to the unwrapped model.
 
-Not supported: beam search (the cache rows are reordered, the per-row slot masks are not), static / sliding-window
-caches, FlashAttention kernels (2-D masks) — refused when the context is entered — and several language-model calls
+Not supported: beam search (the cache rows are reordered, the per-row slot masks are not), static caches,
+FlashAttention kernels (2-D masks) — refused when the context is entered — and several language-model calls
 sharing one prefill (assisted decoding).
 """
 
@@ -119,6 +125,9 @@ class _Segment:
     slots: torch.Tensor
     valid: torch.Tensor
     replace: dict[str, Any]  # prefill kwargs of the layers of this segment
+    visual: torch.Tensor | None = None  # [B, S'] visual slots (bidirectional blocks: Family.decoder_attention_blocks)
+    masks: dict = dataclasses.field(default_factory=dict)  # prefill mask per sliding window (None: global layers)
+    rope: dict = dataclasses.field(default_factory=dict)  # id(cos) of a layer type's RoPE -> (cos, sin) at ``slots``
 
 
 class DecoderPruneStage(DecoderStage):
@@ -234,7 +243,7 @@ class _Run:
             else:
                 seg = self.segment_of.get(i)
                 if seg is not None:
-                    kwargs = {**kwargs, "attention_mask": self._decode_mask(seg, hidden.shape[1])}
+                    kwargs = {**kwargs, "attention_mask": self._decode_mask(seg, hidden.shape[1], i, kwargs)}
             if args:
                 args = (hidden, *args[1:])
             else:
@@ -275,8 +284,9 @@ class _Run:
         return self.segment.slots, self.segment.valid
 
     def _prefill(self, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]):
+        own = dict(kwargs)  # what the decoder hands this layer, over the original slots
         if self.segment is not None:
-            kwargs = {**kwargs, **self.segment.replace}
+            kwargs = {**kwargs, **self.segment.replace, **self._layer_inputs(self.segment, i, own, hidden.dtype)}
         if i in self.score_layers:  # scored on this layer's input, before a drop at this same layer
             slots, valid = self._current()
             query = (slots == self.query0[:, None].to(slots.device)) & valid
@@ -286,7 +296,7 @@ class _Run:
         if i in self.drop_layers:
             hidden = self._drop(i, hidden, kwargs)
             if self.segment is not None:
-                kwargs = {**kwargs, **self.segment.replace}
+                kwargs = {**kwargs, **self.segment.replace, **self._layer_inputs(self.segment, i, own, hidden.dtype)}
         if self.segment is not None:
             self.segment_of[i] = self.segment
         return hidden, kwargs
@@ -338,8 +348,8 @@ class _Run:
             replace["position_ids"] = _gather_seq(pid, pos)
         if isinstance(base.get("cache_position"), torch.Tensor):
             replace["cache_position"] = base["cache_position"][:S_new]
-        replace["attention_mask"] = self._prefill_mask(new_valid, kwargs.get("attention_mask"), hidden.dtype)
-        self.segment = _Segment(new_slots, new_valid, replace)
+        visual = (self.image0.gather(1, new_slots) >= 0) & new_valid
+        self.segment = _Segment(new_slots, new_valid, replace, visual)  # masks per layer: _layer_mask
         return hidden
 
     def _scatter(self, hidden: torch.Tensor, seg: _Segment) -> torch.Tensor:
@@ -358,19 +368,80 @@ class _Run:
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
 
-    def _prefill_mask(self, valid: torch.Tensor, model_mask: Any, dtype: torch.dtype) -> torch.Tensor:
+    def _layer_inputs(self, seg: _Segment, layer: int, own: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """Prefill inputs of decoder layer ``layer`` on the re-packed layout ``seg`` that depend on the layer: its mask
+        (one per sliding window) and its own RoPE cos/sin gathered at the kept slots (Gemma 3's local and global
+        layers rotate with different bases)."""
+        window = self.family.decoder_sliding_window(layer)
+        if window not in seg.masks:
+            seg.masks[window] = self._prefill_mask(seg.valid, own.get("attention_mask"), dtype, seg.visual, window)
+        out = {"attention_mask": seg.masks[window]}
+        cos_sin = own.get("position_embeddings")
+        if cos_sin is not None:
+            key = id(cos_sin[0])
+            if key not in seg.rope:
+                seg.rope[key] = tuple(_gather_seq(t, seg.slots) for t in cos_sin)
+            out["position_embeddings"] = seg.rope[key]
+        return out
+
+    def _prefill_mask(self, valid: torch.Tensor, model_mask: Any, dtype: torch.dtype,
+                      visual: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+        """[B, 1, S, S] mask: causal in slot order over the real slots (``valid`` [B, S]), OR both slots in one of the
+        family's bidirectional blocks of ``visual`` [B, S] (Gemma 3's images), AND, for a sliding layer, the key
+        less than ``window`` slots before the query (the model's rule, on the re-packed slots); padding rows attend
+        to themselves only."""
         S = valid.shape[1]
         ar = torch.arange(S, device=valid.device)
-        causal = ar[None, :] <= ar[:, None]
-        allowed = (valid[:, None, :] & causal[None]) | torch.eye(S, dtype=torch.bool, device=valid.device)[None]
+        allowed = (ar[None, :] <= ar[:, None])[None]
+        blocks = None if visual is None else self.family.decoder_attention_blocks(visual)
+        if blocks is not None:
+            blocks = blocks.to(valid.device)
+            allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+        if window is not None:
+            allowed = allowed & (ar[None, :] > ar[:, None] - window)[None]
+        allowed = (valid[:, None, :] & allowed) | torch.eye(S, dtype=torch.bool, device=valid.device)[None]
         return self._format(allowed[:, None], model_mask, dtype)
 
-    def _decode_mask(self, seg: _Segment, q: int) -> torch.Tensor:
-        key = id(seg)
+    def _window_decode_mask(self, seg: _Segment, q: int, layer: int, window: int,
+                            kwargs: dict[str, Any]) -> torch.Tensor:
+        """Decode-step mask of a sliding layer on ``seg``: its keys are the last ones of its own history (the re-packed
+        prompt, then the generated tokens), as many as its cache holds (``cache.get_mask_sizes``; a sliding cache
+        keeps the last ``window`` − 1); a query sees the real keys at most ``window`` − 1 slots before it."""
+        n, S1 = self.generated, seg.valid.shape[1]
+        total = S1 + n  # the layer's history, this step's q tokens last
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and hasattr(cache, "get_mask_sizes"):
+            length, start = (int(v) for v in cache.get_mask_sizes(q, layer))
+        else:
+            start = max(total - q - (window - 1), 0)
+            length = total - start
+        if start + length != total:
+            raise RuntimeError(f"decoder pruning: layer {layer}'s cache ends at {start + length}, its re-packed "
+                               f"history at {total}")
+        key = ("window", id(seg), window, start, length, q)
+        if key not in self.decode_masks:
+            dev = seg.valid.device
+            qpos = total - q + torch.arange(q, device=dev)[:, None]
+            kpos = start + torch.arange(length, device=dev)[None, :]
+            allowed = (kpos <= qpos) & (kpos > qpos - window)  # [q, length]
+            real = torch.ones((self.B, length), dtype=torch.bool, device=dev)
+            if start < S1:
+                real[:, :S1 - start] = seg.valid[:, start:]
+            allowed = allowed[None, None] & real[:, None, None, :]
+            self.decode_masks[key] = self._format(allowed, kwargs.get("attention_mask"), torch.float32)
+        return self.decode_masks[key]
+
+    def _decode_mask(self, seg: _Segment, q: int, layer: int | None = None,
+                     kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        window = None if layer is None else self.family.decoder_sliding_window(layer)
+        if window is not None:
+            return self._window_decode_mask(seg, q, layer, window, kwargs or {})
+        # the model's own mask of this layer (another layer's may cover fewer keys: Gemma 3's sliding layer 0)
+        model_mask = self.model_mask if kwargs is None else kwargs.get("attention_mask")
+        key = (id(seg), id(model_mask))
         if key in self.decode_masks:
             return self.decode_masks[key]
         n = self.generated
-        model_mask = self.model_mask
         prompt = seg.valid[:, None, None, :].expand(-1, 1, q, -1)
         if isinstance(model_mask, torch.Tensor):
             tail = model_mask[..., -n:].expand(self.B, 1, q, n)

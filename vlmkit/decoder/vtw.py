@@ -20,6 +20,9 @@ Choices this module fixes where the reference is open or differs:
 - **Mask**: the reference leaves the 4-D mask of the SDPA/eager path unsliced (unclear how the sizes agree); here
   each row gets its own mask over its remaining tokens (``vlmkit.decoder.prune``).
 - ``pe_type`` re-numbering (truncated ids) is not offered; positions are always the original ones.
+- **Nothing withdrawn**: ``layer = L`` (the decoder's depth: "after the last layer") is accepted and withdraws
+  nothing: the unwrapped model exactly (the neutral setting, as ``keep_ratio=1`` for the other pruners). ``layer``
+  above L is refused at ``wrap()``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ DEFAULT_FRACTION = 15 / 32
 
 @dataclasses.dataclass
 class VTWConfig(StageConfig):
-    """VTW: every visual token is withdrawn before decoder layer ``layer`` (None: ``layer_fraction`` of the depth)."""
+    """VTW: every visual token is withdrawn before decoder layer ``layer`` (None: ``layer_fraction`` of the depth;
+    ``layer`` = the decoder's depth L withdraws nothing)."""
 
     type = "vtw"
     display_name = "VTW"
@@ -57,7 +61,13 @@ class VTWConfig(StageConfig):
         return min(max(1, math.floor(num_layers * float(self.layer_fraction) + 0.5)), num_layers - 1)
 
     def drop_schedule(self, num_layers: int, num_visual: int) -> list[tuple[int, int]]:
-        return check_drop_schedule([(self.drop_layer(num_layers), 0)], num_layers, self.type)
+        k = self.drop_layer(num_layers)
+        if k == num_layers:  # withdrawn after the last layer: nothing is
+            return []
+        if k > num_layers:
+            raise ValueError(f"{self.type}: layer={k} is past the decoder's {num_layers} layers; accepted: "
+                             f"1..{num_layers} ({num_layers}: nothing withdrawn)")
+        return check_drop_schedule([(k, 0)], num_layers, self.type)
 
 
 @register_stage(VTWConfig)

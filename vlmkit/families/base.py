@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -23,7 +23,78 @@ CAPABILITIES: dict[str, str] = {
     "vision_cls": "a vision tower whose token sequence starts with a CLS token (its attention row scores the patches)",
     "token_projector": "a projector that maps each visual token's own pre-projector feature vector to its embedding "
                        "(its input: one row per visual token of a tile, in token order)",
+    # --- resized vision input (the image-downsampling baseline) ---
+    "vision_resize": "a vision tower that runs each tile at a smaller pixel size (its position embeddings "
+                     "interpolated) and yields the correspondingly smaller token grid, one projected token per cell "
+                     "(`Family.on_resized_vision`)",
+    # --- declared directly or implied (IMPLIED_CAPABILITIES) ---
+    "mrope": "a decoder with M-RoPE whose (t, h, w) positions the family lays out from the assembled batch "
+             "(`Family.mrope_positions`), for the model's own scheme or a position stage's",
+    "rope_positions": "a decoder whose rotary positions a position scheme can lay out: 1-D RoPE (`rope_1d`) or "
+                      "M-RoPE laid out by the family (`mrope`)",
+    "vision_attention": "a vision tower whose per-layer attention the family recomputes for each tile or image from "
+                        "the layer's own q/k, with the visual token each key feeds (`Family.on_vision_attention`)",
 }
+
+#: A capability a family has when it declares it or any capability listed here for it ("any of"), so a stage can
+#: require one name where several mechanisms serve it. ``Family.__init_subclass__`` applies the rule to every
+#: family class (``capabilities`` gains the implied names; ``lacks`` gets a reason for those it still lacks).
+IMPLIED_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "rope_positions": ("rope_1d", "mrope"),
+    "vision_attention": ("patch_grid",),
+}
+
+
+#: The reason a family lacks a capability when it gives none of its own (``with_implied`` fills it in).
+DEFAULT_LACKS: dict[str, str] = {
+    "vision_resize": "declares no way to run its vision tower on smaller tiles (`Family.on_resized_vision`); with "
+                     "dynamic resolution, resize the image before the processor instead",
+}
+
+
+def with_implied(capabilities, lacks: dict[str, str]) -> tuple[frozenset, dict[str, str]]:
+    """``capabilities`` plus the implied ones (``IMPLIED_CAPABILITIES``), and ``lacks`` with a reason for each
+    implied capability still missing (the reasons of the capabilities that would imply it) and the
+    ``DEFAULT_LACKS`` reason for each capability it lacks without giving one."""
+    caps, lacks = frozenset(capabilities), dict(lacks)
+    for name, sources in IMPLIED_CAPABILITIES.items():
+        if name in caps or caps & set(sources):
+            caps |= {name}
+            lacks.pop(name, None)
+        elif name not in lacks:
+            lacks[name] = "; ".join(lacks.get(s, f"lacks {s!r}") for s in sources)
+    for name, why in DEFAULT_LACKS.items():
+        if name not in caps:
+            lacks.setdefault(name, why)
+    return caps, lacks
+
+
+class AttentionGroup(NamedTuple):
+    """One independent attention of a vision layer: a tile, or one image (frame) of a packed tower.
+
+    q, k: [H, S, d] the layer's queries and keys (its own projections, norms and RoPE), so ``softmax(q kᵀ · scale)``
+    [H, S, S] are its attention probabilities; the first ``prefix`` positions feed no visual token (CLS), position
+    ``prefix + j`` feeds visual token ``token[j]`` (0 ≤ token < num_tokens, in the order of the image's run:
+    tiles / frames one after the other, each row-major).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    prefix: int
+    token: torch.Tensor
+    num_tokens: int
+
+
+class HookHandles:
+    """Several hook handles removed together (what ``on_vision_attention`` returns)."""
+
+    def __init__(self, handles) -> None:
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _as_pair(value) -> tuple[int, int]:
@@ -48,7 +119,9 @@ class Family:
     image_markers: ClassVar[tuple[str, ...]] = ()
     #: keys of ``CAPABILITIES`` this family has; ``lacks`` says why for each one it does not
     capabilities: ClassVar[frozenset[str]] = frozenset({"patch_grid", "rope_1d", "tile_rows", "fixed_grid"})
-    lacks: ClassVar[dict[str, str]] = {"single_tile": "tiles its images (several pixel_values rows per image)"}
+    lacks: ClassVar[dict[str, str]] = {"single_tile": "tiles its images (several pixel_values rows per image)",
+                                       "mrope": "uses 1-D RoPE"}
+    capabilities, lacks = with_implied(capabilities, lacks)  # subclasses: __init_subclass__
     #: recipe part alias (``projector`` / ``vision_tower`` / ``language_model``, the vocabulary of
     #: ``vlmkit.train.recipes``) -> module path under the HF ``*ForConditionalGeneration`` model
     #: (transformers 5 layout; LLaVA, LLaVA-NeXT, LLaVA-OneVision and InternVL share it). A class attribute,
@@ -58,6 +131,10 @@ class Family:
         "vision_tower": "model.vision_tower",
         "language_model": "model.language_model",
     }
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.capabilities, cls.lacks = with_implied(cls.capabilities, cls.lacks)
 
     def __init__(self, model: nn.Module) -> None:
         # A PEFT model (LoRA on the HF model) is called as it is; attributes are read from the model inside.
@@ -83,6 +160,13 @@ class Family:
     @property
     def placeholder_id(self) -> int:
         return int(self.config.image_token_id)
+
+    def image_run_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: the slots of ``input_ids`` [B, S] that belong to the images' runs, i.e. that the images'
+        ``VisualTokens`` fill in ``sequence.assemble`` (default: the placeholder tokens). A family whose processor
+        writes other tokens inside an image's run (Mistral 3: ``[IMG_BREAK]`` / ``[IMG_END]`` after each row) adds
+        them; its ``VisualTokens`` then carry them as newline tokens (``source == -1``)."""
+        return input_ids == self.placeholder_id
 
     @property
     def pad_token_id(self) -> int:
@@ -111,6 +195,20 @@ class Family:
     def language_model(self) -> nn.Module:
         """The decoder backbone (``LlamaModel``/``Qwen2Model``…) that runs on ``inputs_embeds``."""
         return self.model.model.language_model
+
+    def set_decoder_checkpointing(self, enable: bool, kwargs=None, every_n_layers: int = 1,
+                                  offload: bool = False) -> None:
+        """Turn activation checkpointing of the decoder's layers on or off (the vision tower is left alone)."""
+        decoder = self.language_model
+        if not enable:
+            off = getattr(decoder, "activation_checkpointing_disable", None) or decoder.gradient_checkpointing_disable
+            off()
+        elif hasattr(decoder, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            decoder.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        elif hasattr(decoder, "gradient_checkpointing_enable"):
+            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise ValueError(f"the decoder ({type(decoder).__name__}) does not support activation checkpointing")
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -144,10 +242,43 @@ class Family:
         """
         return {}
 
+    def language_context(self, batch):
+        """A context manager the wrapper enters around every language-model call sequence on the ``AssembledBatch``
+        ``batch`` (``forward``, the whole ``generate``), before the stages' contexts: the family's own decoder-time
+        hooks, e.g. Qwen3-VL's DeepStack features added to the kept visual tokens. Default: nothing."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def mrope_positions(self, batch, layout=None) -> torch.Tensor:
+        """M-RoPE families (capability ``mrope``): the (t, h, w) positions [3, B, L] of an ``AssembledBatch``, by the
+        model's own rule (``layout=None``) or with each image's offsets mapped by ``layout(image, offsets)``
+        (position stages; see ``Qwen2_5_VLFamily.mrope_positions``)."""
+        self.require("mrope", "mrope_positions")
+        raise NotImplementedError
+
+    def mrope_input(self, text_positions: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """M-RoPE families: the ``position_ids`` argument of the decoder for integer text positions [B, L] and M-RoPE
+        positions [3, B, L] (of one dtype)."""
+        self.require("mrope", "mrope_input")
+        raise NotImplementedError
+
     # --- decoder attention (decoder-side pruning) ---
     def decoder_attention(self, layer_index: int) -> nn.Module:
         """The self-attention module of ``decoder_layers[layer_index]``."""
         return self.decoder_layers[layer_index].self_attn
+
+    def decoder_sliding_window(self, layer_index: int) -> int | None:
+        """Sliding window W of ``decoder_layers[layer_index]``: a query attends only to keys less than W slots before
+        it (and its KV cache keeps the last W − 1); None (default) for a layer that attends to the whole sequence.
+        Decoder-side pruning builds its masks and scores by it (Gemma 3's local layers)."""
+        return None
+
+    def decoder_attention_blocks(self, visual: torch.Tensor) -> torch.Tensor | None:
+        """Block id [B, S] of every slot of a decoder input whose visual slots are ``visual`` [B, S] bool: slots of one
+        block (id ≥ 0) attend to each other in both directions on top of the causal mask (Gemma 3's images); None
+        (default): causal attention only. Decoder-side pruning rebuilds the blocks on its re-packed layout by it."""
+        return None
 
     @property
     def decoder_final_norm(self) -> nn.Module:
@@ -269,6 +400,45 @@ class Family:
         H, d = attn.num_heads, attn.head_dim
         return q.reshape(B, S, H, d).transpose(1, 2), k.reshape(B, S, H, d).transpose(1, 2), attn.scale
 
+    @property
+    def global_vision_layers(self) -> list[int]:
+        """0-based indices of the vision layers whose attention spans a whole tile / image (default: all; a
+        windowed tower lists only its full-attention layers)."""
+        return list(range(len(self.vision_layers)))
+
+    def check_vision_attention(self, layer_index: int, stage: str) -> None:
+        """ValueError naming ``stage`` unless ``on_vision_attention(layer_index)`` can run on this model (``wrap()``
+        time): here, the visual tokens must pool a patch grid and the layer must have a q/k attention module."""
+        self.patch_pooling(stage)
+        self.vision_attention(layer_index)
+
+    def vision_attention_groups(self, layer_index: int, hidden: torch.Tensor, **attention_kwargs) -> list[AttentionGroup]:
+        """The attention of vision layer ``layer_index`` as independent groups, from what its attention module
+        receives (``hidden``: the layer-normed hidden states [B, S, C], one tile per row, and the module's other
+        keyword arguments): one ``AttentionGroup`` per tile, prefix 1 for a CLS token (S = patches + 1), token =
+        the pooled f×f block each patch feeds (``patch_pooling``), row-major."""
+        (ph, pw), f = self.patch_pooling("vision_attention_groups")
+        q, k, scale = self.vision_qk(layer_index, hidden)
+        S = hidden.shape[1]
+        prefix = S - ph * pw
+        if prefix not in (0, 1):
+            raise ValueError(f"{S} vision tokens do not match the {ph}×{pw} patch grid (+ optional CLS)")
+        r = torch.arange(ph, device=hidden.device)[:, None] // f
+        c = torch.arange(pw, device=hidden.device)[None, :] // f
+        token = (r * (pw // f) + c).reshape(-1)
+        n = (ph // f) * (pw // f)
+        return [AttentionGroup(q[b], k[b], scale, prefix, token, n) for b in range(hidden.shape[0])]
+
+    def on_vision_attention(self, layer_index: int, hook) -> Any:
+        """Call ``hook(groups)`` (``vision_attention_groups``) whenever vision layer ``layer_index``'s attention runs,
+        without changing what it computes (the tower keeps its own attention kernel); returns a handle whose
+        ``remove()`` stops it."""
+        def pre(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hook(self.vision_attention_groups(layer_index, hidden))
+
+        return self.vision_attention(layer_index).register_forward_pre_hook(pre, with_kwargs=True)
+
     def vision_mlp(self, layer_index: int) -> nn.Module:
         """The MLP module of ``vision_layers[layer_index]`` (input and output [B, S, C], for hooks)."""
         layer = self.vision_layers[layer_index]
@@ -292,6 +462,28 @@ class Family:
             hook(args[0] if args else kwargs["pixel_values"])
 
         return self.vision_tower.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def on_resized_vision(self, resize, restore) -> Any:
+        """Run the vision tower on resized tiles while the returned handle lives (capability ``vision_resize``):
+        ``resize(pixel_values [N, C, H, W]) -> [N, C, H', W']`` replaces the tower's input (H', W' multiples of the
+        pixels per visual token), the tower interpolates its position embeddings to the smaller patch grid
+        (``interpolate_pos_encoding``, as CLIP / SigLIP in transformers do), and ``restore(features [N, n', D]) ->
+        [N, n, D]`` replaces the projector's output (n' the small grid's tokens per tile, n = ``tokens_per_tile``),
+        so the model's code after the projector sees a full tile. ``remove()`` on the handle stops both."""
+        self.require("vision_resize", "on_resized_vision")
+
+        def pre(module, args, kwargs):
+            if args:
+                args = (resize(args[0]), *args[1:])
+            else:
+                kwargs = {**kwargs, "pixel_values": resize(kwargs["pixel_values"])}
+            return args, {**kwargs, "interpolate_pos_encoding": True}
+
+        def post(module, args, output):
+            return restore(output)
+
+        return HookHandles([self.vision_tower.register_forward_pre_hook(pre, with_kwargs=True),
+                            self.projector.register_forward_hook(post)])
 
     # --- vision attention rows (pre-LLM pruners) ---
     @property

@@ -17,6 +17,9 @@ class InternVLFamily(Family):
     image_markers = ("<img>", "</img>", "<IMG_CONTEXT>")
     # vision attention rows (pre-LLM pruners): InternViT has a CLS token; mlp1 acts on each shuffled token
     capabilities = Family.capabilities | {"vision_cls", "token_projector"}
+    lacks = {**Family.lacks, "vision_resize": "reshapes each tile's features to a square of √n cells for its pixel "
+                                              "shuffle and splits an image's budget over its tiles: smaller tiles "
+                                              "are not built"}
 
     @property
     def vision_layers(self):

@@ -10,7 +10,8 @@ class LlavaFamily(Family):
     model_class_names = ("LlavaForConditionalGeneration",)
     image_kwarg_names = ("image_sizes",)
     capabilities = frozenset({"patch_grid", "rope_1d", "single_tile", "tile_rows", "fixed_grid",
-                          "vision_cls", "token_projector"})  # last two: vision attention rows (pre-LLM pruners)
+                          "vision_cls", "token_projector",  # these two: vision attention rows (pre-LLM pruners)
+                          "vision_resize"})  # CLIP / SigLIP interpolate their position embeddings (downsampling)
 
     @property
     def grid(self) -> tuple[int, int]:

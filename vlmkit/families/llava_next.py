@@ -46,7 +46,9 @@ class LlavaNextFamily(Family):
     capabilities = frozenset({"patch_grid", "rope_1d", "fixed_grid",
                               "vision_cls", "token_projector"})  # last two: vision attention rows (pre-LLM pruners)
     lacks = {**Family.lacks, "tile_rows": "lays its AnyRes tiles out as one stitched, cropped grid with image-newline "
-                                          "tokens, decided by image_sizes"}
+                                          "tokens, decided by image_sizes",
+             "vision_resize": "stitches its AnyRes tiles into one grid with image-newline tokens by image_sizes: "
+                              "smaller tiles would change that layout (not built)"}
     model_class_names = ("LlavaNextForConditionalGeneration",)
     image_kwarg_names = ("image_sizes",)
 

@@ -12,9 +12,15 @@ _FAMILIES: dict[str, str] = {
     "internvl": "vlmkit.families.internvl:InternVLFamily",
     "llava_next": "vlmkit.families.llava_next:LlavaNextFamily",
     "llava_onevision": "vlmkit.families.llava_onevision:LlavaOnevisionFamily",
+    "llava_onevision1_5": "vlmkit.families.llava_onevision1_5:LlavaOnevision15Family",
     "smolvlm": "vlmkit.families.smolvlm:SmolVLMFamily",
     "idefics3": "vlmkit.families.smolvlm:Idefics3Family",
     "qwen2_5_vl": "vlmkit.families.qwen2_5_vl:Qwen2_5_VLFamily",
+    "qwen2_vl": "vlmkit.families.qwen2_vl:Qwen2VLFamily",
+    "qwen3_vl": "vlmkit.families.qwen3_vl:Qwen3VLFamily",
+    "glm4v": "vlmkit.families.glm4v:Glm4vFamily",
+    "gemma3": "vlmkit.families.gemma3:Gemma3Family",
+    "mistral3": "vlmkit.families.mistral3:Mistral3Family",
 }
 
 

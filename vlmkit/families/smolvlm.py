@@ -42,7 +42,9 @@ class SmolVLMFamily(Family):
              # vision attention rows (pre-LLM pruners)
              "vision_cls": "runs a SigLIP tower, which has no CLS token",
              "token_projector": "pixel-shuffles patches inside its connector, whose input is therefore patches, "
-                                "not visual tokens"}
+                                "not visual tokens",
+             "vision_resize": "cuts images into fixed-size tiles under a pixel_attention_mask and pixel-shuffles "
+                              "them in its connector: smaller tiles are not built"}
     model_class_names = ("SmolVLMForConditionalGeneration",)
     image_kwarg_names = ("pixel_attention_mask",)
     part_paths = {"projector": "model.connector", "vision_tower": "model.vision_model",

@@ -22,6 +22,19 @@ An image whose tiles reach the language model as several runs separated by text 
 same rule, with the marker text between them advancing by 1 as any text ([choice]; a tile whose tokens
 were all pruned takes no positions). Tiles t0..t1 of an h×w grid in one run: ``"shared"`` 1 position,
 ``"row"`` (t1-t0+1)·h, ``"original"`` (t1-t0+1)·h·w.
+
+M-RoPE decoders (Qwen2.5-VL …; ``mousi_mrope_offsets``): an image's tokens have (t, h, w) positions, laid out from
+its first position L by the family from the token's own offsets o = (t, row, col): ``"original"`` keeps them (the
+model's own grid, text resumes at L + max(h, w)), ``"row"`` puts every column at column 0, (t, row, 0) (one
+position per row, text resumes at L + h), ``"shared"`` puts every token at (0, 0, 0), i.e. (L, L, L) (text resumes at
+L + 1). Text a, a 2×3 image, text b (a at 0, so L = 1)::
+
+    slot        a          v00        v02        v12        b
+    original    (0,0,0)    (1,1,1)    (1,1,3)    (1,2,3)    (4,4,4)
+    row         (0,0,0)    (1,1,1)    (1,1,1)    (1,2,1)    (3,3,3)
+    shared      (0,0,0)    (1,1,1)    (1,1,1)    (1,1,1)    (2,2,2)
+
+Unlike 1-D ``"original"`` (the raster index, span h·w), M-RoPE's spans max(h, w): the model's own positions.
 """
 
 from __future__ import annotations
@@ -71,7 +84,7 @@ class MouSiPositionConfig(StageConfig):
 
     type = "mousi_position"
     display_name = "MouSi positions"
-    requires = ("rope_1d",)
+    requires = ("rope_positions",)
     mode: str = "row"
 
     def validate(self) -> None:
@@ -157,6 +170,19 @@ def mousi_position_ids(
     return out
 
 
+def mousi_mrope_offsets(mode: str, offsets: torch.Tensor) -> torch.Tensor:
+    """MouSi under M-RoPE: an image's own offsets [3, N] (t, row, col) → float64 [3, N]: ``"original"`` the same,
+    ``"row"`` (t, row, 0), ``"shared"`` zeros (module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    o = offsets.to(torch.float64)
+    if mode == "shared":
+        return torch.zeros_like(o)
+    if mode == "row":
+        return torch.stack([o[0], o[1], torch.zeros_like(o[2])])
+    return o
+
+
 def _tile_run_positions(mode: str, index: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, int]:
     """Offsets from ``L + 1`` of one run of an image's tokens (run positions ``index`` [K], tiles of h×w),
     and the positions the run spans: the tiles from its first to its last token, uncompressed."""
@@ -196,6 +222,9 @@ def _block_positions(mode: str, index: torch.Tensor, blocks, length: int, key: i
 @register_stage(MouSiPositionConfig)
 class MouSiPosition(RotaryPositionStage):
     """MouSi position stage: reads grid cells from ``batch.visual_index`` and sizes from ``batch.tokens``."""
+
+    def mrope_layout(self, batch: "AssembledBatch", training: bool | None = None):
+        return lambda image, offsets: mousi_mrope_offsets(self.config.mode, offsets)
 
     def rope_positions(self, batch: "AssembledBatch", training: bool | None = None) -> torch.Tensor:
         return mousi_position_ids(

@@ -15,6 +15,14 @@ fractional rotation exactly as in the V2PE reference (keys are rotated before th
 
 Positions past the prompt continue at ``last scheme position + 1`` per step, as the V2PE reference does
 in ``prepare_inputs_for_generation``.
+
+M-RoPE decoders (Qwen2.5-VL …, family capability ``mrope``) work the same way in 3-D: the stage hands the model
+integer positions on every row of its ``position_ids`` (``Family.mrope_input``: Qwen's [4, B, L]), the rotary
+embedding receives them as [3, B, S] and looks up, per axis, the scheme's (t, h, w) positions, which the
+*family* lays out (``Family.mrope_positions``) from the stage's ``mrope_layout``: a map of each image's own
+(t, row, col) offsets (``vlmkit/families/qwen2_5_vl.py`` tabulates what V2PE and MouSi mean in 3-D). ``generate``
+extends every row by one per step, and every axis continues at its last prompt position + 1 (the last prompt
+token is text, whose three positions are equal).
 """
 
 from __future__ import annotations
@@ -34,10 +42,11 @@ if TYPE_CHECKING:
 
 
 def rotary_embedding(family: "Family") -> nn.Module:
-    """The language model's rotary module (``Family.rotary_embedding``), checked to take 1-D positions.
+    """The language model's rotary module (``Family.rotary_embedding``), checked to take 1-D positions, or M-RoPE
+    positions that the family lays out (capability ``mrope``).
 
-    Raises ValueError when the decoder has no RoPE module these schemes can remap, or uses another kind of
-    RoPE (``Family.rope_kind``: M-RoPE's 3-D (t, h, w) positions, Qwen2.5-VL).
+    Raises ValueError when the decoder has no RoPE module these schemes can remap, or uses another kind of RoPE
+    (``Family.rope_kind``).
     """
     kind = family.rope_kind
     name = type(family.model).__name__
@@ -45,9 +54,11 @@ def rotary_embedding(family: "Family") -> nn.Module:
         raise ValueError(
             f"vlmkit position schemes remap the decoder's rotary embedding, but {name} ({family.model_type}) has none"
         )
-    if kind != "1d":
-        what = "M-RoPE (3-D (t, h, w) positions)" if kind == "mrope" else f"{kind!r} rotary positions"
-        raise ValueError(f"position schemes need 1-D RoPE; {name} uses {what}")
+    if kind == "mrope" and "mrope" not in family.capabilities:
+        raise ValueError(f"{name} uses M-RoPE, but vlmkit's {family.model_type!r} family does not lay out M-RoPE "
+                         "positions (capability 'mrope')")
+    if kind not in ("1d", "mrope"):
+        raise ValueError(f"position schemes need 1-D RoPE or M-RoPE; {name} uses {kind!r} rotary positions")
     return family.rotary_embedding
 
 
@@ -64,38 +75,56 @@ def check_masks(visual_mask: torch.Tensor, attention_mask: torch.Tensor, image_i
 class PositionTable:
     """Per-row lookup integer position → scheme position, continuing at ``last + 1`` after the prompt.
 
-    Built from scheme positions ``rope`` [B, S] (float) and the ``attention_mask`` [B, S] they belong to:
-    the k-th real token of row b (integer position k) maps to ``rope[b, that slot]``; integer position
-    ``n_b - 1 + m`` (m ≥ 1, generated tokens) maps to ``last_b + m``. Padding slots carry integer position 0
-    and therefore the first real token's value; they are masked, so that value never matters.
+    Built from scheme positions ``rope`` [B, S] (float; or [A, B, S]: one table per M-RoPE axis) and the
+    ``attention_mask`` [B, S] they belong to: the k-th real token of row b (integer position k) maps to
+    ``rope[(a,) b, that slot]``; integer position ``n_b - 1 + m`` (m ≥ 1, generated tokens) maps to
+    ``last_b + m`` (per axis). Padding slots carry integer position 0 and therefore the first real token's value;
+    they are masked, so that value never matters.
     """
 
     def __init__(self, rope: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        if rope.shape != attention_mask.shape or rope.dim() != 2:
+        if rope.shape[-2:] != attention_mask.shape or attention_mask.dim() != 2 or rope.dim() not in (2, 3):
             raise ValueError(
-                f"rope positions {tuple(rope.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, S]"
+                f"rope positions {tuple(rope.shape)} must be [B, S] or [A, B, S] and attention_mask "
+                f"{tuple(attention_mask.shape)} [B, S]"
             )
-        B, S = rope.shape
+        self.axes = None if rope.dim() == 2 else int(rope.shape[0])
+        rope = rope if self.axes is not None else rope[None]
+        A, B, S = rope.shape
         real = attention_mask != 0
         self.lengths = real.sum(dim=1)  # [B]
-        table = torch.zeros((B, max(S, 1)), dtype=torch.float64, device=rope.device)
+        table = torch.zeros((A, B, max(S, 1)), dtype=torch.float64, device=rope.device)
         for b in range(B):
             n = int(self.lengths[b])
-            table[b, :n] = rope[b][real[b]].to(torch.float64)
-        self.table = table  # [B, S] compact, left-aligned
-        self.last = table.gather(1, (self.lengths - 1).clamp(min=0)[:, None])[:, 0]  # [B]
+            table[:, b, :n] = rope[:, b][:, real[b]].to(torch.float64)
+        index = (self.lengths - 1).clamp(min=0)[None, :, None].expand(A, B, 1)
+        last = table.gather(2, index)[..., 0]  # [A, B]
+        # [B, S] / [B] for 1-D, [A, B, S] / [A, B] per axis
+        self.table, self.last = (table[0], last[0]) if self.axes is None else (table, last)
 
     def lookup(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """Integer ``position_ids`` [B', S'] → float32 scheme positions [B', S'].
+        """Integer ``position_ids`` [B', S'] → float32 scheme positions [B', S'] (a per-axis table: [A, B', S'] or
+        [B', S'] keys → [A, B', S']).
 
         B' may be a multiple of B (``generate`` repeats rows for beams / ``num_return_sequences`` with
         ``repeat_interleave``); integer positions past row b's prompt continue at ``last_b + 1`` per step.
         """
-        if position_ids.dim() != 2:
-            raise ValueError(f"position schemes expect [B, S] position_ids in the rotary embedding, got {tuple(position_ids.shape)}")
+        if self.axes is None:
+            if position_ids.dim() != 2:
+                raise ValueError(f"this position scheme expects [B, S] position_ids in the rotary embedding, got "
+                                 f"{tuple(position_ids.shape)}")
+            return self._lookup(self.table, self.last, position_ids)
+        if position_ids.dim() == 2:  # the same integer positions on every axis (what the stage hands the model)
+            position_ids = position_ids[None].expand(self.axes, -1, -1)
+        if position_ids.dim() != 3 or position_ids.shape[0] != self.axes:
+            raise ValueError(f"this position scheme expects [{self.axes}, B, S] position_ids in the rotary embedding, "
+                             f"got {tuple(position_ids.shape)}")
+        return torch.stack([self._lookup(self.table[a], self.last[a], position_ids[a]) for a in range(self.axes)])
+
+    def _lookup(self, table: torch.Tensor, last: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         rows = position_ids.shape[0]
-        B = self.table.shape[0]
-        table, lengths, last = self.table, self.lengths, self.last
+        B = table.shape[0]
+        lengths = self.lengths
         if rows != B:
             if rows % B:
                 raise RuntimeError(
@@ -114,7 +143,8 @@ class PositionTable:
 
 @contextlib.contextmanager
 def remap_rotary(rotary: nn.Module, table: PositionTable) -> Iterator[None]:
-    """Within the ``with``, ``rotary(x, position_ids)`` computes cos/sin at ``table.lookup(position_ids)``.
+    """Within the ``with``, ``rotary(x, position_ids)`` computes cos/sin at ``table.lookup(position_ids)`` (M-RoPE:
+    ``position_ids`` [3, B, S], one lookup per axis).
 
     The module's previous ``forward`` (bound method or an instance attribute set by someone else, e.g.
     accelerate hooks) is called with the remapped positions and restored on exit. Float ``position_ids``
@@ -148,7 +178,8 @@ def patch_forward(module: nn.Module, forward) -> Iterator[None]:
 
 
 class RotaryPositionStage(PositionStage):
-    """Base of the position schemes: subclasses implement ``rope_positions(batch)`` only.
+    """Base of the position schemes: subclasses implement ``rope_positions(batch)`` (1-D RoPE) and
+    ``mrope_layout(batch)`` (M-RoPE: how each image's (t, row, col) offsets map; the family lays out the rest).
 
     ``position_ids(batch)`` returns plain integer positions [B, L] (so masks, packed-sequence detection and
     ``generate`` see ordinary ids) and ``language_context`` makes the rotary embedding use
@@ -177,6 +208,20 @@ class RotaryPositionStage(PositionStage):
         """
         raise NotImplementedError
 
+    def mrope_layout(self, batch: "AssembledBatch", training: bool | None = None):
+        """M-RoPE decoders: ``layout(image, offsets)`` mapping image ``image``'s own offsets [3, N] (LongTensor,
+        (t, row, col) of every uncompressed cell from its first position) to the scheme's [3, N] (float64); the
+        family places them after the text and resumes the text after the largest height/width position
+        (``Family.mrope_positions``). Override; ``training`` as in ``rope_positions``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no M-RoPE layout")
+
+    def scheme_positions(self, family: "Family", batch: "AssembledBatch", training: bool | None = None) -> torch.Tensor:
+        """The positions the rotary embedding uses for ``batch``: ``rope_positions`` [B, L] for 1-D RoPE, the family's
+        layout of ``mrope_layout`` [3, B, L] (float64) for M-RoPE."""
+        if family.rope_kind == "mrope":
+            return family.mrope_positions(batch, self.mrope_layout(batch, training))
+        return self.rope_positions(batch, training)
+
     def is_training(self) -> bool:
         """Training behaviour only when this stage *and* the wrapped model are in training mode.
 
@@ -186,10 +231,15 @@ class RotaryPositionStage(PositionStage):
         return bool(self.training and (self.family is None or self.family.model.training))
 
     def position_ids(self, batch: "AssembledBatch") -> torch.LongTensor:
-        return integer_positions(batch.attention_mask)
+        """Integer positions [B, L]; for M-RoPE the same on every row of the decoder's ``position_ids``
+        (``Family.mrope_input``), the keys the rotary embedding's per-axis lookup uses."""
+        positions = integer_positions(batch.attention_mask)
+        if self.family is not None and self.family.rope_kind == "mrope":
+            return self.family.mrope_input(positions, positions[None].expand(3, -1, -1))
+        return positions
 
     @contextlib.contextmanager
     def language_context(self, family: "Family", batch: "AssembledBatch") -> Iterator[None]:
-        table = PositionTable(self.rope_positions(batch), batch.attention_mask)
+        table = PositionTable(self.scheme_positions(family, batch), batch.attention_mask)
         with remap_rotary(rotary_embedding(family), table):
             yield

@@ -9,6 +9,13 @@ for inference, ``internvl/train/internvl_chat_finetune.py`` for training). Examp
 
 V2PE needs fine-tuning: on a checkpoint never trained with δ < 1 it degrades accuracy. ``stride ==
 tokens_per_tile`` (δ = 1) reproduces ordinary integer positions.
+
+M-RoPE decoders (Qwen2.5-VL …; ``v2pe_mrope_offsets``): the 1-D rule ``prev + j·δ`` is applied on every axis with
+j = 1 + the token's own (t, row, col) offset, i.e. offsets map to ``δ·(1 + o) − 1`` from the image's first
+position L, and the text after the image resumes at ``L + ceil(δ·max(h, w))`` (the scaled extent; δ = 1: the
+model's own positions exactly). Positions follow the *cells*, as the model's own M-RoPE does: a pruned image keeps
+its kept cells' positions and its extent. δ is ``stride / tokens_per_tile`` as in 1-D; a dynamic-resolution family's
+``tokens_per_tile`` is only an upper bound (Qwen2.5-VL: 16 384), so set ``tokens_per_tile`` for the δ you want.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ class V2PEConfig(StageConfig):
 
     type = "v2pe"
     display_name = "V2PE"
-    requires = ("rope_1d",)
+    requires = ("rope_positions",)
     stride: float = 64
     tokens_per_tile: int | None = None
     train_strides: tuple[float, ...] = TRAIN_STRIDES
@@ -138,6 +145,19 @@ def v2pe_position_ids(
     return out.to(dtype)
 
 
+def v2pe_mrope_offsets(offsets: torch.Tensor, stride: float, tokens_per_tile: int) -> torch.Tensor:
+    """V2PE under M-RoPE: an image's own offsets [3, N] (t, row, col from its first position L) → float64 [3, N]
+    ``(1 + o)·stride / tokens_per_tile − 1`` (exact for δ = 1: o itself). Example, δ = 1/2, a 2×3 image after text
+    at position 4 (L = 5; the family resumes the text at ``ceil(max height/width position) + 1``)::
+
+        cell (row, col)   (0,0)          (0,2)          (1,2)          text after
+        (t, h, w)         (4.5,4.5,4.5)  (4.5,4.5,5.5)  (4.5,5.0,5.5)  (7, 7, 7)
+    """
+    _check_stride(stride, "stride")
+    o = offsets.to(torch.float64)
+    return ((1 + o) * float(stride)) / tokens_per_tile - 1
+
+
 def draw_train_strides(num_images: int, train_strides: Sequence[float], generator: torch.Generator | None = None) -> list:
     """One stride per image drawn uniformly from ``train_strides`` (torch RNG; ``generator`` or the global one)."""
     picks = torch.randint(len(train_strides), (num_images,), generator=generator)
@@ -166,6 +186,17 @@ class V2PE(RotaryPositionStage):
         if self.is_training() if training is None else training:
             return draw_train_strides(len(batch.tokens), self.config.train_strides)
         return self.config.stride
+
+    def mrope_layout(self, batch: "AssembledBatch", training: bool | None = None):
+        if self.tokens_per_tile is None:
+            raise RuntimeError("V2PE stage used before attach(): wrap the model with vlmkit.wrap")
+        strides = self.strides(batch, training)
+        per_image = not isinstance(strides, numbers.Real)
+
+        def layout(image: int, offsets: torch.Tensor) -> torch.Tensor:
+            return v2pe_mrope_offsets(offsets, strides[image] if per_image else strides, self.tokens_per_tile)
+
+        return layout
 
     def rope_positions(self, batch: "AssembledBatch", training: bool | None = None) -> torch.Tensor:
         if self.tokens_per_tile is None:
