@@ -1,18 +1,31 @@
 """lmms-eval bridge (optional): run lmms-eval's own tasks on a vlmkit-wrapped model.
 
-``VlmkitLMM`` is an lmms-eval *simple* model registered as ``"vlmkit"`` (lmms-eval's
-``@register_model``); it exists only when ``lmms_eval`` is installed. The batching logic lives in
-``VlmkitGenerator``, which needs nothing from lmms-eval, so it is usable (and tested) without it::
+``VlmkitLMM`` is an lmms-eval *simple* model; it exists only when ``lmms_eval`` is installed. lmms-eval 0.7
+resolves ``--model NAME`` through ``MODEL_REGISTRY_V2``, which reads the ``lmms_eval.models`` entry-point
+group of every installed package; vlmkit's ``pyproject.toml`` declares ``vlmkit =
+"vlmkit.evaluation.lmms_bridge:lmms_manifest"`` there, so after ``pip install "vlmkit[lmms]"`` (or ``-e``)
+lmms-eval's own CLI runs it with nothing imported by hand::
 
-    # python -m lmms_eval needs the plug-in imported; programmatic use:
-    import lmms_eval
+    python -m lmms_eval --model vlmkit --model_args pretrained=PATH,compress=fopru:0.25 \
+        --tasks vqav2_val,pope --batch_size 8 --output_path runs/lmms --log_samples
+
+``model_args``: ``pretrained`` (a local checkpoint or vlmkit save folder, or ``tiny:<family>``),
+``compress`` (stage specs joined with ``+``: ``fopru:0.25+random:0.5``; commas separate model_args),
+``position`` (``v2pe:64``), ``batch_size``, ``device``, ``dtype``, ``prompt_style``, ``max_new_tokens``.
+Programmatic use (an in-memory model, e.g. inside a training loop)::
+
+    from lmms_eval.evaluator import simple_evaluate
     from vlmkit.evaluation.lmms_bridge import VlmkitLMM
     lm = VlmkitLMM(pretrained="/ckpt/llava-1.5-7b-hf", compress="fopru:0.25", batch_size=8)
-    lmms_eval.simple_evaluate(model=lm, tasks=["vqav2_val", "pope"])
+    results = simple_evaluate(model=lm, tasks=["vqav2_val", "pope"])
 
-Requests are answered in the simple-model protocol: ``Instance.args = (context, gen_kwargs,
-doc_to_visual, doc_id, task, split)``; images come from ``doc_to_visual(self.task_dict[task][split][doc_id])``.
-Requests with equal ``gen_kwargs`` are generated together in left-padded batches; ``until`` cuts the text.
+The batching logic lives in ``VlmkitGenerator``, which needs nothing from lmms-eval, so it is usable (and
+tested) without it. Requests are answered in the simple-model protocol: ``Instance.args = (context,
+gen_kwargs, doc_to_visual, doc_id, task, split)``; images come from
+``doc_to_visual(self.task_dict[task][split][doc_id])``. Requests with equal ``gen_kwargs`` are generated
+together in left-padded batches; ``until`` cuts the text. The prompt is built exactly as ``vlmkit eval``
+builds it (``build_input_text``), so the same question gives the same answer through either harness
+(``tests/test_interop_lmms.py`` runs lmms-eval's CLI and checks that).
 """
 
 from __future__ import annotations
@@ -20,7 +33,10 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-__all__ = ["VlmkitGenerator", "VlmkitLMM", "lmms_eval_available"]
+__all__ = ["VlmkitGenerator", "VlmkitLMM", "lmms_eval_available", "lmms_manifest", "LMMS_MODEL_NAME"]
+
+#: the name lmms-eval's ``--model`` takes
+LMMS_MODEL_NAME = "vlmkit"
 
 
 def lmms_eval_available() -> bool:
@@ -93,22 +109,42 @@ class VlmkitGenerator:
         return self.generate(items)
 
 
+def lmms_manifest():
+    """The ``lmms_eval.models`` entry point: lmms-eval's ``ModelManifest`` naming ``VlmkitLMM`` by class path.
+
+    Called by lmms-eval while it builds ``MODEL_REGISTRY_V2``; it imports nothing heavy (the class is built
+    only when lmms-eval resolves ``--model vlmkit`` and imports ``VlmkitLMM`` from this module).
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=LMMS_MODEL_NAME, simple_class_path=f"{__name__}.VlmkitLMM")
+
+
 def _make_lmms_class():
     from lmms_eval.api.model import lmms
-    from lmms_eval.api.registry import register_model
 
-    @register_model("vlmkit")
     class VlmkitLMM(lmms):
-        """lmms-eval model ``vlmkit``: ``--model vlmkit --model_args pretrained=PATH,compress=fopru:0.25``."""
+        """lmms-eval model ``vlmkit``: ``--model vlmkit --model_args pretrained=PATH,compress=fopru:0.25``.
+
+        ``max_batch_size`` is accepted because lmms-eval always passes it, and ignored (no ``auto`` batch
+        size); any other unknown model_arg is an error naming it, so a misspelt ``compres=`` never runs
+        the uncompressed model silently.
+        """
 
         is_simple = True
 
         def __init__(self, pretrained: str, batch_size: int | str = 1, compress: str | None = None,
                      position: str | None = None, device: str | None = None, dtype: str | None = None,
-                     prompt_style: str = "auto", **kwargs) -> None:
+                     prompt_style: str = "auto", max_new_tokens: int = 128, max_batch_size: Any = None,
+                     **unknown) -> None:
+            if unknown:
+                raise TypeError(f"--model vlmkit: unknown model_args {sorted(unknown)}; accepted: pretrained, "
+                                "compress (specs joined with +), position, batch_size, device, dtype, prompt_style, "
+                                "max_new_tokens")
             super().__init__()
             self.core = VlmkitGenerator(pretrained, compress=compress, position=position, batch_size=batch_size,
-                                        device=device, dtype=dtype, prompt_style=prompt_style)
+                                        device=device, dtype=dtype, prompt_style=prompt_style,
+                                        max_new_tokens=max_new_tokens)
             self.batch_size_per_gpu = self.core.batch_size
 
         def generate_until(self, requests) -> list[str]:

@@ -13,6 +13,12 @@ Each ``<image>`` marker in the text is one image; their number must equal the nu
 it (LLaVA: ``<image>`` × tokens per image; InternVL: ``<img><IMG_CONTEXT>…</img>``). Labels are -100
 everywhere except the assistant answers (and the end-of-turn token after each), so visual tokens, the
 prompt and padding never count in the loss (LLaVA ``preprocess_v1``, LLaMA-Factory ``train_on_prompt: false``).
+
+Image and mask names are confined (``vlmkit.data.images``): relative to ``--image-folder`` when given, else to the
+data file's folder (``x.png`` or ``images/x.png`` next to it), and they must resolve inside that folder, symbolic
+links followed; absolute names and escapes need ``allow_absolute_paths=True`` (``--allow-absolute-paths``).
+Files are opened by ``vlmkit.data.images.open_image``: an image above its pixel budget is downscaled when opened
+(with a warning naming the file), and a record's masks are downscaled to the same size as its image.
 """
 
 from __future__ import annotations
@@ -50,14 +56,29 @@ def _record_name(record: Any, index: int, source: str) -> str:
 
 
 def _read_records(path: Path) -> list[Any]:
-    text = path.read_text()
+    """The records of a JSON list / object or a JSON Lines file; errors name the file (and the line)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: neither a JSON list nor JSON Lines: {e}") from None
+    except json.JSONDecodeError as whole:
+        lines = text.split("\n")  # JSON Lines: one record per \n-terminated line (not str.splitlines)
+        data = []
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if not data:  # not even the first record parses on its own: one JSON document, broken
+                    raise ValueError(f"{path}: not valid JSON: {whole.msg} at line {whole.lineno}, column "
+                                     f"{whole.colno}") from None
+                raise ValueError(f"{path}: JSON Lines: line {n} is not valid JSON: {e.msg} at column {e.colno}"
+                                 ) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -65,14 +86,18 @@ def _read_records(path: Path) -> list[Any]:
     return data
 
 
-def _resolve_image(name: str, where: str, json_dir: Path, image_folder: Path | None) -> str:
-    p = Path(name)
-    if p.is_absolute():
+def _resolve_image(name: str, where: str, json_dir: Path, image_folder: Path | None,
+                   allow_absolute: bool = False) -> str:
+    from vlmkit.data.images import resolve_image_path
+
+    root = image_folder if image_folder is not None else json_dir
+    p = resolve_image_path(name, root, allow_absolute=allow_absolute, where=where)  # refuses escapes
+    if Path(name).is_absolute():
         candidates = [p]
     elif image_folder is not None:
-        candidates = [image_folder / p]
+        candidates = [p]
     else:
-        candidates = [json_dir / p, json_dir / "images" / p]
+        candidates = [p, resolve_image_path(Path("images") / name, root, allow_absolute=allow_absolute, where=where)]
     for c in candidates:
         if c.is_file():
             return str(c)
@@ -82,9 +107,10 @@ def _resolve_image(name: str, where: str, json_dir: Path, image_folder: Path | N
 
 def normalize_record(
     record: Any, index: int, source: str = "<data>", json_dir: Path | None = None, image_folder: Path | None = None,
-    check_files: bool = True,
+    check_files: bool = True, allow_absolute_paths: bool = False,
 ) -> Conversation:
-    """Validate one LLaVA or ShareGPT record and return it as a ``Conversation``."""
+    """Validate one LLaVA or ShareGPT record and return it as a ``Conversation``. With ``check_files`` its image
+    and mask names are resolved (confined: see the module docstring) and must exist."""
     where = _record_name(record, index, source)
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
@@ -126,14 +152,16 @@ def normalize_record(
         raise ValueError(f"{where}: masks need an image to segment")
     if check_files:
         json_dir = json_dir or Path(".")
-        images = [_resolve_image(i, where, json_dir, image_folder) for i in images]
-        masks = [_resolve_image(m, where, json_dir, image_folder) for m in masks]
+        images = [_resolve_image(i, where, json_dir, image_folder, allow_absolute_paths) for i in images]
+        masks = [_resolve_image(m, where, json_dir, image_folder, allow_absolute_paths) for m in masks]
     rid = str(record.get("id", index))
     return Conversation(rid, messages, images, masks)
 
 
-def load_conversations(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[Conversation]:
-    """Read and validate every record of a LLaVA / ShareGPT JSON (or JSONL) file."""
+def load_conversations(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, *,
+                       allow_absolute_paths: bool = False) -> list[Conversation]:
+    """Read and validate every record of a LLaVA / ShareGPT JSON (or JSONL) file (image names confined to
+    ``image_folder`` or the file's folder unless ``allow_absolute_paths``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file {os.fspath(path)!r}")
@@ -141,7 +169,8 @@ def load_conversations(path: str | os.PathLike, image_folder: str | os.PathLike 
     if not records:
         raise ValueError(f"{path}: no records")
     folder = Path(image_folder) if image_folder is not None else None
-    return [normalize_record(r, i, str(path), path.parent, folder) for i, r in enumerate(records)]
+    return [normalize_record(r, i, str(path), path.parent, folder, allow_absolute_paths=allow_absolute_paths)
+            for i, r in enumerate(records)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,21 +279,24 @@ def encode_conversation(
 
 
 def _load_mask(path: str, size: tuple[int, int], rid: str) -> torch.Tensor:
-    """A PNG mask as a bool [H, W] tensor; ValueError unless it has the image's (W, H) ``size``."""
+    """A PNG mask as a bool [H, W] tensor; ValueError unless it has the image's (W, H) ``size`` (both downscaled
+    alike when above the pixel budget: nearest-neighbour for the mask)."""
     import numpy as np
+
     from PIL import Image
 
-    with Image.open(path) as im:
-        if im.size != size:
-            raise ValueError(f"record {rid!r}: mask {path!r} is {im.size[0]}×{im.size[1]}, the image {size[0]}×{size[1]}")
-        return torch.from_numpy(np.asarray(im.convert("L")) > 0)
+    from vlmkit.data.images import open_image
+
+    im = open_image(path, where=f"record {rid!r}: mask: ", mode=None, resample=Image.NEAREST)
+    if im.size != size:
+        raise ValueError(f"record {rid!r}: mask {path!r} is {im.size[0]}×{im.size[1]}, the image {size[0]}×{size[1]}")
+    return torch.from_numpy(np.asarray(im.convert("L")) > 0)
 
 
 def _load_rgb(path: str):
-    from PIL import Image
+    from vlmkit.data.images import open_image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return open_image(path)
 
 
 class SupervisedDataset:

@@ -11,16 +11,21 @@ function of the step; checkpoints hold every RNG state. Resuming therefore repla
 
 Multi-process: the same command under ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun
 --nproc_per_node N`` runs DDP (gloo on CPU-only hosts, where vlmkit forces the CPU path); every rank
-takes its own slice of each global batch.
+takes its own slice of each global batch. ``--shard fsdp|zero2|zero3`` shards instead (torch FSDP2 or
+DeepSpeed ZeRO driven by vlmkit, ``sharding.py``; also on CPU over gloo); an accelerate FSDP / DeepSpeed
+config that accelerate cannot run here is an error, never a silent DDP run (``sharding.check_engine``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,8 @@ class FinetuneArgs:
     cpu: bool = False
     quiet: bool = False
     save_rank_weights: bool = False
+    shard: str | None = None  # vlmkit's own sharding over the launcher's processes: fsdp | zero2 | zero3 (sharding.py)
+    allow_absolute_paths: bool = False  # image names in --data that are absolute or leave their folder (data/images.py)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,40 +247,147 @@ def _count_4bit(model) -> int:
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+@contextlib.contextmanager
+def full_parameters(model, state: dict):
+    """Inside the ``with``: every parameter and buffer of ``model`` named in ``state`` (a gathered full state
+    dict, keys as ``model.state_dict()``) is replaced by that tensor; the originals are put back afterwards.
+
+    A sharded model's own tensors are shards (FSDP2 ``DTensor``) or empty placeholders (DeepSpeed ZeRO-3), so
+    the usual save code (PEFT's ``save_pretrained``, ``VLMWrapper.save_pretrained``, which also reads the
+    embedding rows of added tokens) runs unchanged on the gathered weights. No collectives: rank 0 only."""
+    from torch import nn
+
+    swapped = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for table in ("_parameters", "_buffers"):
+            entries = getattr(module, table)
+            for leaf, value in list(entries.items()):
+                key = f"{prefix}.{leaf}" if prefix else leaf
+                if value is None or key not in state:
+                    continue
+                full = state[key]
+                if full.shape != value.shape and not hasattr(value, "ds_tensor") and not hasattr(value, "to_local"):
+                    raise ValueError(f"{key}: gathered shape {tuple(full.shape)} != the model's {tuple(value.shape)}")
+                replacement = nn.Parameter(full, requires_grad=value.requires_grad) if table == "_parameters" else full
+                swapped.append((entries, leaf, value))
+                entries[leaf] = replacement
+    try:
+        yield model
+    finally:
+        for entries, leaf, value in reversed(swapped):
+            entries[leaf] = value
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``json.dump(obj, indent=2)`` to ``path`` through ``<path>.tmp`` + ``os.replace``: a failure or a kill
+    while writing leaves the previous file whole (the temp file is removed on failure)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move every file under ``staging`` to the same place under ``out`` (``os.replace``: each file is swapped
+    whole), then remove ``staging``."""
+    for src in sorted(p for p in staging.rglob("*") if p.is_file()):
+        dst = out / src.relative_to(staging)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_outputs(out: Path, wrapped, recipe, processor=None, full_state: dict | None = None) -> None:
     """Adapter (PEFT files) or trained weights, the vlmkit stage files and the processor into ``out``.
 
-    ``full_state``: the gathered state dict of the wrapper (FSDP / DeepSpeed), used instead of the local shards.
+    Atomic like the checkpoints: everything is first written to a private folder ``out/.final.tmp-<pid>``
+    and only then moved over the previous files one by one with ``os.replace``, so a failure (or a kill) while
+    writing leaves the previous adapter, ``vlmkit.json`` and stage weights intact (and the folder removed on
+    failure).
+
+    ``full_state``: the gathered state dict of the wrapper (FSDP / DeepSpeed), read in place of the model's own
+    shards: the adapter is saved from it explicitly (``state_dict=``: FSDP2's state-dict hooks would put the
+    shards back), everything else inside ``full_parameters``.
     """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _save_outputs(staging, wrapped, recipe, processor, full_state)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(staging, out)
+
+
+def _save_outputs(out: Path, wrapped, recipe, processor=None, full_state: dict | None = None) -> None:
+    """The writes of :func:`save_outputs`, into ``out`` (its private staging folder)."""
     inner = wrapped.base_model
     inner_state = None
     if full_state is not None:
         inner_state = {k[len("base_model."):]: v for k, v in full_state.items() if k.startswith("base_model.")}
-    if recipe.method == "lora":
-        inner.save_pretrained(out, state_dict=inner_state)  # adapter_config.json + adapter_model.safetensors
-    else:
-        names = [n for n, p in inner.named_parameters() if p.requires_grad]
-        source = inner_state if inner_state is not None else dict(inner.named_parameters())
-        ckpt._save({n: source[n] for n in names}, out / TRAINED_WEIGHTS)
-    wrapped.save_pretrained(out)  # vlmkit.json + vlmkit_stages.safetensors
-    stages = {k[len("stages."):]: v for k, v in (full_state or {}).items() if k.startswith("stages.")}
-    if stages:
-        import sys
-
-        weights_name = getattr(sys.modules[type(wrapped).__module__], "WEIGHTS_NAME", "vlmkit_stages.safetensors")
-        ckpt._save(stages, out / weights_name)
+    with full_parameters(wrapped, full_state) if full_state is not None else contextlib.nullcontext():
+        if recipe.method == "lora":
+            inner.save_pretrained(out, state_dict=inner_state)  # adapter_config.json + adapter_model.safetensors
+        else:
+            names = [n for n, p in inner.named_parameters() if p.requires_grad]
+            source = inner_state if inner_state is not None else dict(inner.named_parameters())
+            ckpt._save({n: source[n] for n in names}, out / TRAINED_WEIGHTS)
+        wrapped.save_pretrained(out)  # vlmkit.json + vlmkit_stages.safetensors (+ added-token rows)
     if processor is not None:
+        part = out / ".processor"  # its files replace the previous ones only when all were written
         try:
-            processor.save_pretrained(out)
+            processor.save_pretrained(part)
         except Exception as e:  # a processor that cannot be saved must not lose the trained weights
+            shutil.rmtree(part, ignore_errors=True)
             print(f"vlmkit finetune: processor not saved ({type(e).__name__}: {e})")
+        else:
+            _publish(part, out)
 
 
-def load_finetuned(path: str | os.PathLike, base_model, is_trainable: bool = False):
-    """Re-apply a ``vlmkit finetune`` output folder to a base model: the PEFT adapter (or the trained
-    weights of a ``freeze`` recipe), then the saved vlmkit stages. ``base_model``: a loaded HF model, a
-    local checkpoint path or ``tiny:<family>``. Returns a ``vlmkit.VLMWrapper`` (eval mode)."""
-    import vlmkit
+def finetuned_base(path: str | os.PathLike) -> str:
+    """The base model a ``vlmkit finetune`` output (or a vlmkit save holding a PEFT adapter) was trained from, as a
+    ``load_base_model`` spec: ``finetune.json``'s ``model``, else ``vlmkit.json``'s ``base_model``, else the
+    adapter's ``base_model_name_or_path``. ``tiny:<family>`` as it is; a folder as given (absolute, or relative to
+    the working directory), else relative to ``path``, else the model shipped in ``vlmkit/assets`` under that
+    folder name (how the shipped adapters find the shipped model from anywhere). FileNotFoundError otherwise."""
+    path = Path(path)
+    specs = []
+    if (path / FINETUNE_META).is_file():
+        specs.append(json.loads((path / FINETUNE_META).read_text()).get("model"))
+    if (path / "vlmkit.json").is_file():
+        specs.append(json.loads((path / "vlmkit.json").read_text()).get("base_model"))
+    if (path / "adapter_config.json").is_file():
+        specs.append(json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+    spec = next((s for s in specs if isinstance(s, str) and s), None)
+    if spec is None:
+        raise FileNotFoundError(f"{os.fspath(path)}: names no base model ({FINETUNE_META} 'model', vlmkit.json "
+                                "'base_model' or adapter_config.json 'base_model_name_or_path'); load it yourself "
+                                f"and call vlmkit.load(model, {os.fspath(path)!r})")
+    if spec.startswith("tiny:"):
+        return spec
+    tried = [Path(spec), path / spec, Path(__file__).resolve().parents[1] / "assets" / Path(spec).name]
+    for candidate in tried:
+        if (candidate / "config.json").is_file():
+            return os.fspath(candidate)
+    raise FileNotFoundError(f"{os.fspath(path)}: its base model {spec!r} is not found (tried "
+                            f"{[os.fspath(t) for t in tried]}); load it yourself and call "
+                            f"vlmkit.load(model, {os.fspath(path)!r})")
+
+
+def apply_finetuned(path: str | os.PathLike, base_model, is_trainable: bool = False):
+    """``(model, tokenizer)``: ``base_model`` (a loaded HF model, a local checkpoint path or ``tiny:<family>``)
+    with a ``vlmkit finetune`` folder's PEFT adapter (a ``PeftModel``) or a ``freeze`` recipe's trained weights
+    applied; ``tokenizer``: the saved one when the stages added tokens (their rows are grown first), else None."""
     from safetensors.torch import load_file
 
     from ..wrapper import read_saved
@@ -305,5 +419,16 @@ def load_finetuned(path: str | os.PathLike, base_model, is_trainable: bool = Fal
         model = base_model
     else:
         raise FileNotFoundError(f"{path}: no adapter_config.json or {TRAINED_WEIGHTS}; not a vlmkit finetune output")
+    return model, tokenizer
+
+
+def load_finetuned(path: str | os.PathLike, base_model=None, is_trainable: bool = False):
+    """Re-apply a ``vlmkit finetune`` output folder to a base model: the PEFT adapter (or the trained
+    weights of a ``freeze`` recipe), then the saved vlmkit stages. ``base_model``: a loaded HF model, a
+    local checkpoint path or ``tiny:<family>``; None: the one it was trained from (``finetuned_base``; what
+    ``vlmkit.load(path)`` does). Returns a ``vlmkit.VLMWrapper`` (eval mode)."""
+    import vlmkit
+
+    model, tokenizer = apply_finetuned(path, finetuned_base(path) if base_model is None else base_model, is_trainable)
     wrapped = vlmkit.load(model, path, tokenizer=tokenizer)
     return wrapped.train(is_trainable) if is_trainable else wrapped.eval()

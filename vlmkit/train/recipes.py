@@ -274,9 +274,12 @@ def _check_part_name(name: str, source: str, where: str) -> None:
 
 
 def recipe_dirs() -> list[Path]:
-    """Folders searched for recipes by name: ``$VLMKIT_ADAPTERS``, ``./adapters``, the source tree's ``adapters/``."""
+    """Folders searched for recipes by name: ``$VLMKIT_ADAPTERS``, ``./adapters``, then vlmkit's own
+    ``adapters/`` (the source checkout's, or the copy an installed wheel carries: ``vlmkit.resources``)."""
+    from ..resources import data_dir
+
     dirs = [Path(p) for p in os.environ.get(RECIPE_DIRS_ENV, "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "adapters", Path(__file__).resolve().parents[2] / "adapters"]
+    dirs += [Path.cwd() / "adapters", *filter(None, [data_dir("adapters")])]
     return list(dict.fromkeys(d.resolve() for d in dirs))
 
 

@@ -33,7 +33,7 @@ from .data import SupervisedDataset, collate, load_conversations, pad_token_id
 from .loop import (
     FINETUNE_META, RANKS_DIR, TRAIN_LOG, FinetuneArgs, _count_4bit, _file_digest, _to_device, batch_indices,
     build_model, check_launch_env, load_base_model, lr_factor, save_outputs, seed_everything, steps_per_epoch,
-    unused_mask_keys,
+    unused_mask_keys, write_json_atomic,
 )
 
 
@@ -46,6 +46,7 @@ class Trainer:
         self.start = 0
         self.notes: list[str] = []
         self.last_loss = float("nan")
+        self.engine = None  # --shard: vlmkit's sharding engine (set up in _setup_optimizer)
         self.t0 = time.time()  # reset when training starts
 
     # --------------------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ class Trainer:
         DDP), dataset and learning-rate schedule, and last each rank's own RNG streams."""
         check_launch_env()
         self._setup_recipe()
-        self.conversations = load_conversations(self.args.data, self.args.image_folder)
+        self.conversations = load_conversations(self.args.data, self.args.image_folder,
+                                                allow_absolute_paths=self.args.allow_absolute_paths)
         self._setup_accelerator()
         self._setup_model()
         self._setup_optimizer()
@@ -93,7 +95,10 @@ class Trainer:
         from accelerate import Accelerator
 
         args = self.args
+        from .sharding import check_engine
+
         self.accelerator = accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+        check_engine(accelerator.distributed_type, args.shard)  # asked-for sharding must be what runs
         self.rank, self.world, self.main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
         self.out = out = Path(args.output)
         existing = ckpt.list_checkpoints(out)
@@ -122,19 +127,38 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         """AdamW over the trainable parameters; model and optimizer prepared by the accelerator (``model``,
-        ``aopt``), next to the plain ones (``unwrapped``, ``optimizer``) that checkpoints read and write."""
+        ``aopt``), next to the plain ones (``unwrapped``, ``optimizer``) that checkpoints read and write.
+
+        ``--shard``: vlmkit's own engine (``sharding.make_engine``: FSDP2 or DeepSpeed ZeRO) shards the wrapper
+        and builds the optimizer over what it keeps; accelerate then only provides ranks and collectives.
+        ``params`` (what gradient clipping sees) is re-read after sharding / preparing: FSDP replaces the
+        parameter objects, and clipping the old ones would silently clip nothing."""
         from accelerate.utils import DistributedType
 
-        d, accelerator = self.defaults, self.accelerator
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, betas=tuple(d.betas), weight_decay=d.weight_decay)
-        self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        if self.sharded and (self.save_every or self.args.resume):
+        d, accelerator, args = self.defaults, self.accelerator, self.args
+        self.engine = None
+        self.sharded = args.shard is not None or accelerator.distributed_type in (DistributedType.FSDP,
+                                                                                  DistributedType.DEEPSPEED)
+        if self.sharded and (self.save_every or args.resume):
             raise ValueError("exact-resume checkpoints (--save-every / --resume) support single-process and DDP runs; "
                              "under FSDP / DeepSpeed parameters and optimizer state are sharded (see adapters/README.md)")
+        if args.shard is not None:
+            from .sharding import make_engine
+
+            def make_optimizer(params):
+                return torch.optim.AdamW(params, lr=self.lr, betas=tuple(d.betas), weight_decay=d.weight_decay)
+
+            self.engine = make_engine(args.shard, self.world, accelerator.device.type, self.batch_size)
+            self.model, self.optimizer, self.params = self.engine.prepare(self.wrapped, make_optimizer, d.max_grad_norm)
+            self.unwrapped, self.aopt = self.wrapped, self.optimizer
+            return
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, betas=tuple(d.betas), weight_decay=d.weight_decay)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader to infer it from
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.batch_size
         self.model, self.aopt = accelerator.prepare(self.wrapped, self.optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
+        if self.sharded:  # accelerate's FSDP2 / DeepSpeed swap the parameters for sharded ones
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _setup_data(self) -> None:
         """The dataset, the schedule (``per_epoch``, ``total``, ``warmup`` steps) and the facts a checkpoint
@@ -186,12 +210,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.model(**batch).loss
-        accelerator.backward(loss)
-        max_grad_norm = self.defaults.max_grad_norm
-        if max_grad_norm and max_grad_norm > 0:
-            accelerator.clip_grad_norm_(self.params, max_grad_norm)
-        self.aopt.step()
-        self.aopt.zero_grad(set_to_none=True)
+        if self.engine is not None:  # --shard: the engine clips, steps and zeroes
+            self.engine.backward(loss)
+            self.engine.step(self.model, self.optimizer, self.params)
+        else:
+            accelerator.backward(loss)
+            max_grad_norm = self.defaults.max_grad_norm
+            if max_grad_norm and max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.params, max_grad_norm)
+            self.aopt.step()
+            self.aopt.zero_grad(set_to_none=True)
         self.last_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
         return self.last_loss
 
@@ -259,22 +287,28 @@ class Trainer:
             self.save(self.total)
         if args.save_rank_weights:
             (out / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-            ckpt._save(ckpt.trainable_state(self.unwrapped), out / RANKS_DIR / f"rank{self.rank}.safetensors")
+            # under --shard: this rank's shard of each parameter (what it really holds)
+            state = ckpt.trainable_state(self.unwrapped) if self.engine is None else self.engine.local_state(self.model)
+            ckpt._save(state, out / RANKS_DIR / f"rank{self.rank}.safetensors")
         summary = {
             "format": "vlmkit-finetune", "version": 1, "recipe": self.recipe.to_dict(), "recipe_file": self.recipe.source,
             "model": args.model, "data": os.path.abspath(args.data), "stages": list(args.wrap),
             "args": dataclasses.asdict(args), "lr": self.lr, "steps": self.total, "resumed_from": self.start,
             "final_loss": self.last_loss, "world_size": self.world, "notes": self.notes,
+            "engine": self.engine.name if self.engine is not None
+            else str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
             "seconds": round(time.time() - self.t0, 3),
             "trainable_parameters": sum(p.numel() for p in self.params),
             "quantized_linear_layers": _count_4bit(self.unwrapped),
         }
         accelerator.wait_for_everyone()
-        full_state = accelerator.get_state_dict(self.model) if self.sharded else None  # collective: gathers the shards
+        if self.engine is not None:  # collective: gathers the shards onto rank 0
+            full_state = self.engine.full_state(self.model)
+        else:
+            full_state = accelerator.get_state_dict(self.model) if self.sharded else None
         if self.main:
             save_outputs(out, self.unwrapped, self.recipe, self.processor, full_state)
-            with open(out / FINETUNE_META, "w") as f:
-                json.dump(summary, f, indent=2)
+            write_json_atomic(summary, out / FINETUNE_META)  # temp file + rename, like the checkpoints
             if not args.quiet:
                 print(f"vlmkit finetune: wrote {out} (final loss {self.last_loss:.4f})")
         accelerator.wait_for_everyone()
