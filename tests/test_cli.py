@@ -12,8 +12,9 @@ from vlmkit.cli import main
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["families"] == ["idefics3", "internvl", "llava", "llava_next", "llava_onevision", "qwen2_5_vl",
-                                "smolvlm"]
+    assert info["families"] == [
+        "gemma3", "glm4v", "idefics3", "internvl", "llava", "llava_next", "llava_onevision", "llava_onevision1_5",
+        "mistral3", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm"]
     assert info["packages"]["transformers"].startswith("5.")
 
 

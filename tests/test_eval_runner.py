@@ -238,7 +238,11 @@ def _shape_questions(n):
 
 def test_stage_specs():
     assert parse_stage_spec("fopru:0.25", "compressor").keep_ratio == 0.25
-    assert parse_stage_spec("fopru:64").num_keep == 64
+    # token counts are explicit (issue 20): a lone value is a keep ratio, a count is n= / num_keep=
+    assert parse_stage_spec("fopru:n=64").num_keep == 64
+    assert parse_stage_spec("fopru:num_keep=64").num_keep == 64
+    with pytest.raises(ValueError, match="write fopru:n=64"):
+        parse_stage_spec("fopru:64")
     row = parse_stage_spec("fopru:keep_ratio=0.5,strategy=row")
     assert (row.keep_ratio, row.strategy) == (0.5, "row")
     assert parse_stage_spec("v2pe:32", "position").stride == 32

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from typing import Any, ClassVar
 
 #: Packages whose modules hold the built-in stages. On the first registry look-up every module below them is
@@ -146,8 +147,12 @@ class StageConfig:
     role: ClassVar[str] = ""  # set by register_stage from the stage class's role base
     stage_class: ClassVar[type | None] = None  # set by register_stage
     exclusive: ClassVar[bool] = False  # True: no other stage of the same role may be combined with it
-    #: family capabilities the stage needs (``vlmkit.families.base.CAPABILITIES``); wrap() refuses others
+    #: family capabilities the stage needs, all of them (``vlmkit.families.base.CAPABILITIES``); wrap() refuses others.
+    #: Alternatives are one implied name (``IMPLIED_CAPABILITIES``: ``rope_positions`` = ``rope_1d`` or ``mrope``)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: family capabilities that no longer hold once this stage replaced the model's visual tokens (an encoder whose
+    #: tokens are not the tower's patch grid: MouSi experts); wrap() refuses other stages that require them
+    hides_capabilities: ClassVar[tuple[str, ...]] = ()
     #: True for pruners (``keep_ratio`` / ``num_keep`` budgets: the visual tokens of each image the language model's
     #: later layers see), compressors and decoder stages alike: the demo sweep and the benchmarks run them
     pruner: ClassVar[bool] = False
@@ -218,36 +223,85 @@ def _literal(text: str) -> Any:
     return text
 
 
+#: spec-only short names of fields: ``fopru:n=64`` is ``num_keep=64``
+SPEC_ALIASES = {"n": "num_keep"}
+
+
+def _spec_value(cls, name: str, value: Any, spec: str) -> Any:
+    """``value`` for field ``name`` of ``cls``, checked against the field's annotation: a ``float`` field takes a
+    number (ints become floats), an ``int`` field an integer, a ``bool`` field true/false (``None`` passes when the
+    annotation allows it). Other annotations are left to the config's own ``validate()``."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    kinds = set(re.findall(r"[A-Za-z_]+", annotation))
+    if value is None and "None" in kinds:
+        return value
+    if kinds - {"None"} == {"bool"}:
+        if not isinstance(value, bool):
+            raise ValueError(f"in stage spec {spec!r}: {name} must be true or false, got {value!r}")
+    elif kinds - {"None"} in ({"float"}, {"int", "float"}):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"in stage spec {spec!r}: {name} must be a number, got {value!r}")
+    elif kinds - {"None"} == {"int"}:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"in stage spec {spec!r}: {name} must be an integer, got {value!r}")
+    return value
+
+
 def parse_stage_spec(spec: str, role: str | None = None) -> StageConfig:
     """Build a config from a command-line spec: ``TYPE[:VALUE,...][,FIELD=VALUE,...]``.
 
     Positional values fill the config's fields in order: ``"v2pe:64"`` is ``V2PEConfig(stride=64)``,
-    ``"fopru:0.25,strategy=row"`` is ``FoPruConfig(keep_ratio=0.25, strategy="row")``. For pruning
-    configs (fields ``keep_ratio`` and ``num_keep``) a lone value is a ratio when it is a float and a
-    token count when it is an integer: ``"fopru:0.25"`` keeps a quarter, ``"fopru:64"`` keeps 64.
-    ``role`` ("compressor", "position", …), when given, must be the config's role.
+    ``"fopru:0.25,strategy=row"`` is ``FoPruConfig(keep_ratio=0.25, strategy="row")``. For pruning configs
+    (fields ``keep_ratio`` and ``num_keep``) a lone value is always a keep ratio in (0, 1] (``"fopru:1"`` keeps
+    every token); a token count is written out: ``"fopru:n=64"`` (or ``num_keep=64``) keeps 64 tokens, and
+    ``"fopru:64"`` is an error that says so. Values are checked against the fields' annotations (a number field
+    takes a number). ``role`` ("compressor", "position", …), when given, must be the config's role.
+    Every error is a ``ValueError`` naming the spec.
     """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty stage spec {spec!r}; expected TYPE[:VALUE,...], e.g. fopru:0.25")
     type_name, _, rest = spec.strip().partition(":")
     cls = config_class(type_name.strip())
     if role is not None and cls.role != role:
         raise ValueError(f"stage {type_name!r} is a {cls.role!r} stage, not a {role!r} stage (spec {spec!r})")
     names = [f.name for f in dataclasses.fields(cls)]
-    parts = [p for p in rest.split(",") if p.strip()]
-    if len(parts) == 1 and "=" not in parts[0] and {"keep_ratio", "num_keep"} <= set(names):
-        value = _literal(parts[0].strip())
-        return cls(**{"num_keep" if isinstance(value, int) else "keep_ratio": value})
+    raw = rest.split(",") if rest.strip() else []
+    if any(not p.strip() for p in raw):
+        raise ValueError(f"in stage spec {spec!r}: an empty value (a stray comma?)")
+    parts = [p.strip() for p in raw]
+    budget = {"keep_ratio", "num_keep"} <= set(names)
+    if len(parts) == 1 and "=" not in parts[0] and budget:
+        value = _literal(parts[0])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            hint = (f"; to keep {value} tokens write {type_name}:n={value}"
+                    if isinstance(value, int) and not isinstance(value, bool) and value > 1 else "")
+            raise ValueError(f"in stage spec {spec!r}: a lone value is a keep ratio in (0, 1], got {parts[0]!r}{hint}")
+        return _build(cls, {"keep_ratio": float(value)}, spec)
     kwargs: dict[str, Any] = {}
     named = False
     for i, part in enumerate(parts):
         key, eq, value = part.partition("=")
+        key = key.strip()
         if eq:
             named = True
-            kwargs[key.strip()] = _literal(value.strip())
+            key = SPEC_ALIASES.get(key, key) if budget else key
+            if key in kwargs:
+                raise ValueError(f"in stage spec {spec!r}: {key} is given twice")
+            kwargs[key] = _literal(value.strip())
         elif named or i >= len(names):
             raise ValueError(f"in stage spec {spec!r}: positional value {key!r} after named ones or too many values")
         else:
-            kwargs[names[i]] = _literal(key.strip())
+            kwargs[names[i]] = _literal(key)
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise ValueError(f"in stage spec {spec!r}: unknown field(s) {unknown}; {type_name} takes {names}")
-    return cls(**kwargs)
+    return _build(cls, {k: _spec_value(cls, k, v, spec) for k, v in kwargs.items()}, spec)
+
+
+def _build(cls, kwargs: dict[str, Any], spec: str) -> StageConfig:
+    """``cls(**kwargs)``; its validation errors (and type errors of odd values) name the spec."""
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"in stage spec {spec!r}: {err}") from err

@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
+
+from .cli import ArgumentParser, command, positive_int, user_input
 
 SHIPPED = Path(__file__).parent / "assets" / "shapes-llava-tiny"
 # (label, compress specs, position spec) of the main table
@@ -119,7 +122,8 @@ def _row(label: str, res: dict) -> dict:
 
 
 def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: int = 4) -> list[Path]:
-    """A FoPru pruning map and Text4Seg mask overlays of the first referring expressions."""
+    """A FoPru pruning map and Text4Seg mask overlays (predicted against ground truth) of the first referring
+    expressions. Every picture carries a title and a legend, drawn and as PNG text (``viz.annotate``)."""
     import numpy as np
 
     import vlmkit
@@ -127,13 +131,15 @@ def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: in
     from .compress.fopru import FoPruConfig
     from .data.shapes import generate
     from .train.shapes_data import PROMPT, refseg_turn
-    from .viz import mask_overlay, pruning_map
+    from .viz import mask_comparison, pruning_map
+    from .viz.annotate import save_png
 
     samples = generate(n_overlays, seed=0)
     written = []
-    wrapped = vlmkit.wrap(model, FoPruConfig(keep_ratio=0.25, strategy="rank"))
+    keep = 0.25
+    wrapped = vlmkit.wrap(model, FoPruConfig(keep_ratio=keep, strategy="rank"))
     (tokens,) = vlmkit.Predictor(wrapped, processor, prompt_style="plain").visual_tokens([samples[0].image])
-    pruning_map(samples[0].image, tokens).save(out / "pruning_map.png")
+    save_png(pruning_map(samples[0].image, tokens, method="FoPru rank", keep_ratio=keep), out / "pruning_map.png")
     written.append(out / "pruning_map.png")
     vlmkit.unwrap(wrapped)
 
@@ -144,22 +150,29 @@ def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: in
     predictions = vlmkit.Predictor(wrapped, processor, prompt_style="raw").segment(
         [s.image for s in samples], prompts, max_new_tokens=200)
     results = [p.masks for p in predictions]  # Text4SegResult per sample
+    up = np.ones((4, 4), bool)
     for i, (s, (q, _, obj), r) in enumerate(zip(samples, turns, results)):
         label = q.split("'")[1] if "'" in q else s.objects[obj].name
-        pic = mask_overlay(s.image.resize((256, 256), 0), [np.kron(r.mask, np.ones((4, 4), bool))], [label])
-        pic.save(out / f"mask_overlay_{i}.png")
+        pic = mask_comparison(s.image.resize((256, 256), 0), np.kron(r.mask, up), np.kron(s.objects[obj].mask, up),
+                              f'"{label}"')
+        save_png(pic, out / f"mask_overlay_{i}.png")
         written.append(out / f"mask_overlay_{i}.png")
     vlmkit.unwrap(wrapped)
     return written
 
 
 def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int = 64, sweep_limit: int = 48,
-        quiet: bool = True) -> dict:
-    """Evaluate the main rows and the keep-ratio sweep; write PNGs and ``demo_results.json`` to ``out``."""
+        quiet: bool = True, log: Callable[[str], None] | None = print, loaded: tuple | None = None) -> dict:
+    """Evaluate the main rows and the keep-ratio sweep; write PNGs and ``demo_results.json`` to ``out``.
+
+    ``log`` gets one progress line per evaluated row and sweep point (None: silent); ``quiet`` hides the
+    harness's progress bars; ``loaded``: what ``load_default(model_path)`` returned, when the caller has it."""
     import torch
 
+    from .viz.annotate import save_png
     from .viz.plot import line_plot
 
+    say = log or (lambda line: None)
     if quiet:  # the harness reloads the checkpoint for every row: no weight-loading bars
         from transformers.utils import logging as hf_logging
 
@@ -167,22 +180,33 @@ def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
-    model, processor, description, spec = load_default(model_path)
+    model, processor, description, spec = loaded if loaded is not None else load_default(model_path)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(f"model: {description}")
+    say(f"model: {description}")
+    methods = sweep_methods()
+    n_main, n_sweep = len(MAIN_ROWS), len(methods) * len(SWEEP_KEEP)
     rows = []
-    for label, compress, position in MAIN_ROWS:
+    for i, (label, compress, position) in enumerate(MAIN_ROWS, start=1):
         res = _run(spec, "shapes_vqa,shapes_refseg", compress, position, data_root, limit, quiet)
         rows.append(_row(label, res))
+        say(f"[table {i}/{n_main}] {label}: VQA acc {_fmt(rows[-1]['vqa_accuracy'])}, cIoU {_fmt(rows[-1]['cIoU'])} "
+            f"({res['demo_seconds']:.1f} s)")
     sweep: dict[str, list[float]] = {}
-    for method, method_spec in sweep_methods().items():
+    done = 0
+    for method, method_spec in methods.items():
         sweep[method] = []
         for keep in SWEEP_KEEP:
             res = _run(spec, "shapes_vqa", [method_spec.format(k=keep)], None, data_root, sweep_limit, quiet)
             sweep[method].append(_score(res, "shapes_vqa", "vqa_accuracy"))
+            done += 1
+            say(f"[sweep {done}/{n_sweep}] {method} keep {keep:g}: VQA acc {_fmt(sweep[method][-1])} "
+                f"({res['demo_seconds']:.1f} s)")
+    say("[pictures] pruning map, mask overlays, accuracy plot")
     pictures = _pictures(model, processor, spec, out, data_root)
-    line_plot(SWEEP_KEEP, sweep, title="shapes VQA accuracy vs kept visual tokens", xlabel="keep ratio",
-              ylabel="VQA accuracy").save(out / "accuracy_vs_keep.png")
+    plot = line_plot(SWEEP_KEEP, sweep, title=f"shapes VQA accuracy vs keep ratio ({sweep_limit} questions per point)",
+                     xlabel="keep ratio (share of each image's visual tokens the language model sees)",
+                     ylabel="VQA accuracy")
+    save_png(plot, out / "accuracy_vs_keep.png")
     pictures.append(out / "accuracy_vs_keep.png")
     report = {"model": description, "rows": rows, "sweep": {"keep": SWEEP_KEEP, **sweep},
               "limit": limit, "sweep_limit": sweep_limit, "pictures": [str(p) for p in pictures]}
@@ -194,24 +218,54 @@ def _fmt(value, pattern="{:.3f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def cli_main(argv: list[str]) -> int:
-    import argparse
+#: what each column of the demo's table means (printed under it)
+COLUMNS = (
+    ("VQA acc", "share of the {limit} held-out shapes questions answered right (VQAv2 accuracy)"),
+    ("cIoU", "cumulative IoU over {limit} referring expressions: all intersections / all unions of the "
+             "predicted and true masks"),
+    ("gIoU", "mean of the per-expression IoUs"),
+    ("vis tok/img", "visual tokens of each image the language model sees"),
+    ("ms/sample", "wall time of whole generate calls per sample; answers differ in length, so this is "
+                  "not a speed measure (scripts/bench_compression.py measures speed on equal work)"),
+)
 
-    parser = argparse.ArgumentParser(prog="vlmkit demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="local checkpoint path (default: the shipped shapes model)")
-    parser.add_argument("--out", default="demo_out", help="folder for the PNGs and demo_results.json")
-    parser.add_argument("--limit", type=int, default=64, help="held-out questions / expressions per task")
-    parser.add_argument("--sweep-limit", type=int, default=48, help="questions per point of the keep-ratio sweep")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+@command("vlmkit demo")
+def cli_main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="vlmkit demo", description=__doc__)
+    parser.add_argument("--model", default=None, help="local checkpoint folder (default: the shipped shapes model, "
+                        "vlmkit/assets/shapes-llava-tiny)")
+    parser.add_argument("--out", default="demo_out", help="folder for the PNGs, demo_results.json and the data")
+    parser.add_argument("--limit", type=positive_int, default=64, help="held-out questions / expressions per task")
+    parser.add_argument("--sweep-limit", type=positive_int, default=48,
+                        help="questions per point of the keep-ratio sweep")
+    parser.add_argument("--progress", action="store_true", help="show the harness's progress bars too")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    report = run(args.out, args.model, args.limit, args.sweep_limit, quiet=not args.progress)
+    with user_input():  # before anything is written or loaded
+        if args.model is not None and not (Path(args.model) / "config.json").is_file():
+            raise ValueError(f"--model {args.model!r}: not a checkpoint folder (no config.json; nothing is "
+                             "downloaded)")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is a file; expected a folder")
+        if not args.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        loaded = load_default(args.model)
+    print(f"vlmkit demo: {len(MAIN_ROWS)} table rows ({args.limit} questions and expressions each) and a "
+          f"keep-ratio sweep ({args.sweep_limit} questions per point); about a minute on 2 CPU cores", flush=True)
+    report = run(args.out, args.model, args.limit, args.sweep_limit, quiet=not args.progress,
+                 log=lambda line: print(line, flush=True), loaded=loaded)
+    print()
     print(f"{'stages':24s} {'VQA acc':>8s} {'cIoU':>7s} {'gIoU':>7s} {'vis tok/img':>12s} {'ms/sample':>10s}")
     for r in report["rows"]:
         print(f"{r['stages']:24s} {_fmt(r['vqa_accuracy']):>8s} {_fmt(r['cIoU']):>7s} {_fmt(r['gIoU']):>7s} "
               f"{r['visual_tokens_per_image']:12.1f} {r['ms_per_sample']:10.1f}")
-    print("VQA accuracy vs keep ratio " + " ".join(f"{k:>6}" for k in report["sweep"]["keep"]))
+    for name, meaning in COLUMNS:
+        print(f"  {name:12s} {meaning.format(limit=report['limit'])}")
+    print(f"VQA accuracy vs keep ratio ({report['sweep_limit']} questions per point) "
+          + " ".join(f"{k:>6}" for k in report["sweep"]["keep"]))
     for method in [m for m in report["sweep"] if m != "keep"]:
         print(f"  {method:24s} " + " ".join(f"{_fmt(v):>6s}" for v in report["sweep"][method]))
     print(f"pictures: {', '.join(report['pictures'])}")

@@ -36,10 +36,17 @@ def report() -> dict:
 
 
 def cli_main(argv: list[str]) -> int:
-    import argparse
+    from .cli import command
+
+    return command("vlmkit info")(_main)(argv)
+
+
+def _main(argv: list[str]) -> int:
     import json
 
-    parser = argparse.ArgumentParser(prog="vlmkit info", description=__doc__)
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(prog="vlmkit info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     info = report()

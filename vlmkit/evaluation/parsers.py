@@ -151,23 +151,25 @@ class Text4SegSemanticParser:
         self.grid, self.format, self.decode, self.unknown = grid, format, decode, int(unknown)
 
     def __call__(self, text: str, ctx: SampleContext) -> Parsed:
-        from vlmkit.seg.rrle import decode_answer, grid_to_mask
+        from vlmkit.seg.rrle import decode_answer, upsample_nearest
 
         if ctx.image_size is None:
             raise ValueError("the text4seg_semantic parser needs the image size")
         decoded = decode_answer(text, self.grid, self.grid, format=self.format, mode=self.decode)
-        out = np.full(tuple(ctx.image_size), self.unknown, dtype=np.int64)
+        # one class per id present in the grid (never a pass per name: reference mode keeps every name seen in
+        # the text), mapped on the grid, then upsampled once as grid_to_mask does
+        present = np.unique(decoded.ids)
+        table = np.full(int(present[-1]) + 1, self.unknown, dtype=np.int64)
         unknown_labels = []
-        for cid, name in enumerate(decoded.names):
-            cells = decoded.ids == cid
-            if not cells.any():
-                continue
+        for cid in present.tolist():
+            name = decoded.names[cid]
             cls = self.index.get(name.strip().lower())
             if cls is None:
                 if cid > 0:
                     unknown_labels.append(name)
                 continue
-            out[grid_to_mask(cells, ctx.image_size)] = cls
+            table[cid] = cls
+        out = upsample_nearest(table[decoded.ids], ctx.image_size)
         value = {"labels": decoded.labels, "unknown_labels": unknown_labels, "repairs": decoded.repair_kinds()}
         return Parsed(value, out)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     from .loading import LoadedModel
 
-__all__ = ["build_input_text", "parse_gen_kwargs", "apply_until", "generate_batch", "segment_batch"]
+__all__ = ["build_input_text", "parse_gen_kwargs", "check_gen_kwargs", "apply_until", "generate_batch", "segment_batch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,10 +42,49 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-def parse_gen_kwargs(text: str | dict | None) -> dict[str, Any]:
-    """``"max_new_tokens=8,temperature=0"`` → dict (values parsed as YAML); dicts pass through."""
+#: generation setting → (what it must be, its check); ``until`` is a str or a list of str
+_GEN_RULES: dict[str, tuple[str, Any]] = {
+    "max_new_tokens": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "min_new_tokens": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "num_beams": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "top_k": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "do_sample": ("true or false", lambda v: isinstance(v, bool)),
+    "temperature": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "top_p": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
+    "repetition_penalty": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "until": ("a string or a list of strings",
+              lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_gen_kwargs(gen: dict[str, Any], where: str = "--gen-kwargs") -> dict[str, Any]:
+    """``gen`` checked key by key: known keys only (``tasks.GENERATION_KEYS``) and values of the right type and
+    range (``max_new_tokens`` an integer >= 1, ``temperature`` a number >= 0, …); ValueError naming the key, the
+    value and what was expected otherwise."""
     from .tasks import GENERATION_KEYS
 
+    for key, value in gen.items():
+        if key not in GENERATION_KEYS:
+            raise ValueError(f"{where}: unknown generation setting {key!r}; accepted: {', '.join(GENERATION_KEYS)}")
+        expected, ok = _GEN_RULES.get(key, (None, None))
+        if ok is not None and not ok(value):
+            raise ValueError(f"{where}: {key} must be {expected}, got {value!r}")
+    return gen
+
+
+def parse_gen_kwargs(text: str | dict | None) -> dict[str, Any]:
+    """``"max_new_tokens=8,temperature=0"`` → dict (values parsed as YAML; ``until`` stays text); dicts pass
+    through. Keys and value types are checked (``check_gen_kwargs``)."""
     if text is None or text == "":
         return {}
     if isinstance(text, dict):
@@ -54,13 +93,15 @@ def parse_gen_kwargs(text: str | dict | None) -> dict[str, Any]:
         out = {}
         for part in text.split(","):
             key, eq, value = part.partition("=")
-            if not eq:
-                raise ValueError(f"--gen-kwargs expects key=value pairs separated by commas, got {part!r}")
-            out[key.strip()] = _yaml_value(value.strip())
-    for key in out:
-        if key not in GENERATION_KEYS:
-            raise ValueError(f"unknown generation kwarg {key!r}; accepted: {list(GENERATION_KEYS)}")
-    return out
+            if not eq or not key.strip():
+                raise ValueError(f"--gen-kwargs expects key=value pairs separated by commas, got {part!r} in {text!r}")
+            if key.strip() in out:
+                raise ValueError(f"--gen-kwargs: {key.strip()} is given twice in {text!r}")
+            parsed = _yaml_value(value.strip())
+            if key.strip() == "until" and not isinstance(parsed, (str, list)):
+                parsed = value.strip()  # a stop string is text, even when it looks like a number
+            out[key.strip()] = parsed
+    return check_gen_kwargs(out)
 
 
 def _generate_kwargs(gen: dict[str, Any]) -> dict[str, Any]:

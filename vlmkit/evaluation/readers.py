@@ -10,6 +10,10 @@ source* dict that ``load_mask`` turns into an array.
 Errors name the file and the record: a missing file raises ``FileNotFoundError``, a malformed
 record ``ValueError("<file>: record 3 (question_id=7): ...")``.
 
+Image names in data files are confined (``vlmkit.data.images.resolve_image_path``): a relative name must
+resolve inside the dataset's image folder, symbolic links followed; absolute names and escapes are refused
+unless the reader gets ``allow_absolute_paths=True`` (``vlmkit eval --allow-absolute-paths``).
+
 Formats: VQAv2 questions/annotations JSON, GQA questions JSON, TextVQA JSON (+ optional Rosetta OCR
 JSON), POPE JSONL, RefCOCO ``refs(unc).p`` pickle (restricted unpickler) or refs JSON + COCO
 ``instances.json``, ReasonSeg labelme JSON folders, ADE20K image/label folders, and Hugging Face
@@ -19,11 +23,9 @@ JSON), POPE JSONL, RefCOCO ``refs(unc).p`` pickle (restricted unpickler) or refs
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,8 +63,10 @@ def _read_json(path: str | os.PathLike, what: str) -> Any:
     try:
         with open(p, encoding="utf-8") as f:
             return json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{os.fspath(p)}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{os.fspath(p)}: not valid JSON ({err})") from err
+        raise ValueError(f"{os.fspath(p)}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
 
 
 def _read_json_list(path: str | os.PathLike, what: str, key: str) -> list:
@@ -75,8 +79,20 @@ def _read_json_list(path: str | os.PathLike, what: str, key: str) -> list:
 
 def _bad(path: Any, index: int, key: str | None, value: Any, msg: str) -> ValueError:
     """ValueError naming the file, the record index and (when known) its id."""
+    return ValueError(f"{_record(path, index, key, value)}: {msg}")
+
+
+def _record(path: Any, index: int, key: str | None = None, value: Any = None) -> str:
+    """``<file>: record <index> (<key>=<value>)``: where a record is, for error messages."""
     ident = f" ({key}={value!r})" if key is not None else ""
-    return ValueError(f"{os.fspath(path)}: record {index}{ident}: {msg}")
+    return f"{os.fspath(path)}: record {index}{ident}"
+
+
+def _image(folder: Path, name: Any, where: str, allow_absolute: bool) -> str:
+    """``folder / name`` confined to ``folder`` (``vlmkit.data.images.resolve_image_path``), as a str."""
+    from vlmkit.data.images import resolve_image_path
+
+    return str(resolve_image_path(name, folder, allow_absolute=allow_absolute, where=where))
 
 
 def _field(rec: Any, name: str, types: type | tuple[type, ...], path: Any, index: int,
@@ -104,13 +120,16 @@ def _field(rec: Any, name: str, types: type | tuple[type, ...], path: Any, index
 
 def read_vqav2(
     questions: str, images: str, annotations: str | None = None,
-    image_pattern: str = "COCO_val2014_{image_id:012d}.jpg",
+    image_pattern: str = "COCO_val2014_{image_id:012d}.jpg", allow_absolute_paths: bool = False,
 ) -> list[Doc]:
     """VQAv2 ``v2_OpenEnded_mscoco_<split>_questions.json`` (+ ``v2_mscoco_<split>_annotations.json``).
 
     ``image_pattern`` names an image from its record (``{image_id}``); the shapes benchmark uses
     ``shapes_{image_id:06d}.png``. Docs: id (question_id), image, image_id, question, answers (the 10
     human answers, in answer order), answer_type, question_type, multiple_choice_answer.
+
+    A question with ``image_ids`` (a list of ints; ``shapes_multi``) is a multi-image doc: ``image`` is the
+    list of its images in prompt order, each named by ``image_pattern`` with that ``image_id``.
     """
     question_list = _read_json_list(questions, "VQAv2 questions", "questions")
     anns: dict[int, dict] = {}
@@ -132,7 +151,14 @@ def read_vqav2(
             name = image_pattern.format(**rec)
         except (KeyError, IndexError, ValueError) as err:
             raise _bad(questions, i, "question_id", qid, f"image_pattern {image_pattern!r} does not apply: {err!r}") from err
-        doc = {"id": qid, "image": str(images_dir / name), "image_id": image_id, "question": question,
+        image = _image(images_dir, name, _record(questions, i, "question_id", qid), allow_absolute_paths)
+        if "image_ids" in rec:  # a multi-image doc (shapes_multi): its images in prompt order
+            ids = _field(rec, "image_ids", list, questions, i, "question_id")
+            if not ids or not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+                raise _bad(questions, i, "question_id", qid, f"'image_ids' must be a non-empty list of ints, got {ids!r}")
+            image = [_image(images_dir, image_pattern.format(**{**rec, "image_id": v}),
+                            _record(questions, i, "question_id", qid), allow_absolute_paths) for v in ids]
+        doc = {"id": qid, "image": image, "image_id": image_id, "question": question,
                "answers": None, "answer_type": None, "question_type": None, "multiple_choice_answer": None}
         if annotations is not None:
             ann = anns.get(qid)
@@ -153,7 +179,8 @@ def read_vqav2(
 # ---------------------------------------------------------------------------------------------
 
 
-def read_gqa(questions: str, images: str, image_ext: str = ".jpg", balanced_only: bool = False) -> list[Doc]:
+def read_gqa(questions: str, images: str, image_ext: str = ".jpg", balanced_only: bool = False,
+             allow_absolute_paths: bool = False) -> list[Doc]:
     """GQA ``<split>_questions.json`` (``{qid: {imageId, question, answer, types, isBalanced}}``).
 
     Docs: id (question id, str), image (``images/<imageId><image_ext>``), image_id, question, answer,
@@ -174,7 +201,9 @@ def read_gqa(questions: str, images: str, image_ext: str = ".jpg", balanced_only
         if balanced_only and not rec.get("isBalanced", False):
             continue
         types = rec.get("types") or {}
-        docs.append({"id": str(qid), "image": str(images_dir / f"{image_id}{image_ext}"), "image_id": image_id,
+        image = _image(images_dir, f"{image_id}{image_ext}", _record(questions, i, "question_id", qid),
+                       allow_absolute_paths)
+        docs.append({"id": str(qid), "image": image, "image_id": image_id,
                      "question": question, "answer": answer, "structural": types.get("structural"),
                      "semantic": types.get("semantic"), "detailed": types.get("detailed")})
     return docs
@@ -185,7 +214,8 @@ def read_gqa(questions: str, images: str, image_ext: str = ".jpg", balanced_only
 # ---------------------------------------------------------------------------------------------
 
 
-def read_textvqa(questions: str, images: str, ocr: str | None = None, image_ext: str = ".jpg") -> list[Doc]:
+def read_textvqa(questions: str, images: str, ocr: str | None = None, image_ext: str = ".jpg",
+                 allow_absolute_paths: bool = False) -> list[Doc]:
     """TextVQA ``TextVQA_0.5.1_<split>.json`` (``{"data": [{question_id, image_id, question, answers}]}``).
 
     ``ocr``: optional Rosetta OCR JSON (``{"data": [{image_id, ocr_tokens}]}``); ``ocr_hint`` is then
@@ -210,7 +240,9 @@ def read_textvqa(questions: str, images: str, ocr: str | None = None, image_ext:
             raise _bad(questions, i, "question_id", qid, "'answers' must be a list of str")
         toks = tokens_of.get(image_id, [])
         hint = ("\nReference OCR token: " + ", ".join(toks)) if toks else ""
-        docs.append({"id": qid, "image": str(images_dir / f"{image_id}{image_ext}"), "image_id": image_id,
+        image = _image(images_dir, f"{image_id}{image_ext}", _record(questions, i, "question_id", qid),
+                       allow_absolute_paths)
+        docs.append({"id": qid, "image": image, "image_id": image_id,
                      "question": question, "answers": list(answers), "ocr_tokens": toks, "ocr_hint": hint})
     return docs
 
@@ -224,18 +256,24 @@ def _read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, Any]]:
     """(line number, record) of every non-blank line; ValueError naming file and line otherwise."""
     p = _need_file(path, what)
     out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(p, "rb") as f:  # bytes, so that a decoding error names its line too
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{os.fspath(p)}: line {n} is not UTF-8 text ({err.reason} at byte {err.start} "
+                                 "of the line)") from None
             if not line.strip():
                 continue
             try:
                 out.append((n, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{os.fspath(p)}: line {n} is not valid JSON ({err})") from err
+                raise ValueError(f"{os.fspath(p)}: line {n} is not valid JSON: {err.msg} at column {err.colno}") from err
     return out
 
 
-def read_pope(images: str, files: dict[str, str] | None = None, file: str | None = None) -> list[Doc]:
+def read_pope(images: str, files: dict[str, str] | None = None, file: str | None = None,
+              allow_absolute_paths: bool = False) -> list[Doc]:
     """POPE JSONL (``coco_pope_<category>.json``: one ``{question_id, image, text, label}`` per line).
 
     ``files`` maps category → file (random / popular / adversarial); ``file`` is one file whose lines
@@ -259,7 +297,9 @@ def read_pope(images: str, files: dict[str, str] | None = None, file: str | None
             if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
                 raise ValueError(f"{where} (question_id={rec['question_id']!r}): 'label' must be 'yes' or 'no', got {label!r}")
             cat = category if category is not None else str(rec.get("category", "all"))
-            docs.append({"id": f"{cat}/{rec['question_id']}", "image": str(images_dir / rec["image"]),
+            image = _image(images_dir, rec["image"], f"{where} (question_id={rec['question_id']!r})",
+                           allow_absolute_paths)
+            docs.append({"id": f"{cat}/{rec['question_id']}", "image": image,
                          "question": rec["text"], "label": label.strip().lower(), "category": cat})
     return docs
 
@@ -268,51 +308,17 @@ def read_pope(images: str, files: dict[str, str] | None = None, file: str | None
 # RefCOCO / RefCOCO+ / RefCOCOg
 # ---------------------------------------------------------------------------------------------
 
-_SAFE_GLOBALS = {
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
-    ("__builtin__", "set"), ("__builtin__", "frozenset"), ("__builtin__", "bytearray"), ("__builtin__", "complex"),
-}
-
-
-def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
-    """What protocol-2 pickles of ``bytes`` call (``_codecs.encode(s, "latin1")``), latin-1 only."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what pickle builds natively (dict, list, tuple, str, bytes, numbers, bool, None)
-    plus the builtin containers set / frozenset / bytearray / complex and protocol-2 ``bytes``
-    (``_codecs.encode`` restricted to latin-1). Everything else is refused."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _SAFE_GLOBALS:
-            import builtins
-
-            return getattr(builtins, name)
-        if (module, name) == ("_codecs", "encode"):
-            return _latin1_bytes
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: RefCOCO refs may only hold builtin containers and scalars"
-        )
-
-
 def load_refs_pickle(path: str | os.PathLike) -> Any:
-    """Load a RefCOCO ``refs(unc).p`` safely (restricted unpickler; Python-2 str decoded as latin-1)."""
-    p = _need_file(path, "RefCOCO refs")
-    with open(p, "rb") as f:
-        data = f.read()
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{os.fspath(p)}: {err}") from err
-    except Exception as err:  # truncated or not a pickle at all
-        raise ValueError(f"{os.fspath(p)}: not a readable refs pickle ({type(err).__name__}: {err})") from err
+    """Load a RefCOCO ``refs(unc).p`` safely: ``vlmkit.data.safe_pickle.load_refs_pickle`` (builtin containers,
+    str, bytes and numbers only, Python-2 str decoded as latin-1, size-bounded; ValueError naming the file)."""
+    from vlmkit.data.safe_pickle import load_refs_pickle as _load
+
+    return _load(path)
 
 
 def read_refcoco(
     refs: str, instances: str, images: str, split: str | None = "val", sentence_key: str = "sent",
+    allow_absolute_paths: bool = False,
 ) -> list[Doc]:
     """RefCOCO-style refs (``refs(unc).p`` pickle or ``refs.json``) + COCO ``instances.json``.
 
@@ -352,12 +358,14 @@ def read_refcoco(
         if "segmentation" not in ann or "bbox" not in ann:
             raise ValueError(f"{instances}: annotation id={ann_id}: needs 'segmentation' and 'bbox'")
         h, w = int(im.get("height", 0)), int(im.get("width", 0))
+        image = _image(images_dir, im["file_name"], f"{os.fspath(instances)}: image id={image_id} (ref {ref_id!r})",
+                       allow_absolute_paths)
         for j, sent in enumerate(sentences):
             text = sent.get(sentence_key, sent.get("raw")) if isinstance(sent, dict) else None
             if not isinstance(text, str) or "sent_id" not in sent:
                 raise _bad(refs, i, "ref_id", ref_id, f"sentences[{j}] needs 'sent_id' and a str {sentence_key!r}")
             docs.append({
-                "id": sent["sent_id"], "image": str(images_dir / im["file_name"]), "image_id": image_id,
+                "id": sent["sent_id"], "image": image, "image_id": image_id,
                 "expression": text, "ref_id": ref_id, "ann_id": ann_id, "bbox": [float(v) for v in ann["bbox"]],
                 "height": h, "width": w, "category_id": ref.get("category_id"), "split": ref.get("split"),
                 "mask": {"kind": "coco", "segmentation": ann["segmentation"], "size": [h, w], "ann_id": ann_id},
@@ -372,7 +380,7 @@ def read_refcoco(
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
-def read_reasonseg(folder: str, all_sentences: bool = False) -> list[Doc]:
+def read_reasonseg(folder: str, all_sentences: bool = False, allow_absolute_paths: bool = False) -> list[Doc]:
     """ReasonSeg split folder: ``<name>.jpg`` + labelme-style ``<name>.json`` (``text``, ``is_sentence``,
     ``shapes``). LISA's ``ValDataset`` evaluates the first sentence of each image; ``all_sentences``
     makes one doc per sentence. ``question`` is LISA's prompt text ("{sent} Please output segmentation
@@ -396,11 +404,12 @@ def read_reasonseg(folder: str, all_sentences: bool = False) -> list[Doc]:
         image = next((path.with_suffix(e) for e in _IMAGE_EXTS if path.with_suffix(e).is_file()), None)
         if image is None:
             raise FileNotFoundError(f"{path}: no image {path.stem}{{{','.join(_IMAGE_EXTS)}}} next to it")
+        image = _image(root, image.name, os.fspath(path), allow_absolute_paths)  # a link out of the folder
         is_sentence = bool(rec.get("is_sentence", False))
         for k, text in enumerate(texts if all_sentences else texts[:1]):
             question = (f"{text} Please output segmentation mask." if is_sentence
                         else f"What is {text} in this image? Please output segmentation mask.")
-            docs.append({"id": f"{path.stem}/{k}" if all_sentences else path.stem, "image": str(image),
+            docs.append({"id": f"{path.stem}/{k}" if all_sentences else path.stem, "image": image,
                          "expression": text, "question": question, "is_sentence": is_sentence,
                          "mask": {"kind": "labelme", "path": str(path)}})
     return docs
@@ -431,7 +440,8 @@ ADE20K_CLASSES = (
 )
 
 
-def read_ade20k(images: str, annotations: str, image_ext: str = ".jpg", label_ext: str = ".png") -> list[Doc]:
+def read_ade20k(images: str, annotations: str, image_ext: str = ".jpg", label_ext: str = ".png",
+                allow_absolute_paths: bool = False) -> list[Doc]:
     """ADEChallengeData2016 ``images/<split>/*.jpg`` + ``annotations/<split>/*.png`` (uint8 labels,
     0 = other). Pairs by file stem, sorted. Docs: id (stem), image, mask (label-PNG source)."""
     img_dir = _need_dir(images, "ADE20K images")
@@ -444,7 +454,9 @@ def read_ade20k(images: str, annotations: str, image_ext: str = ".jpg", label_ex
         label = ann_dir / f"{p.stem}{label_ext}"
         if not label.is_file():
             raise FileNotFoundError(f"ADE20K label for image {os.fspath(p)!r} not found: {os.fspath(label)!r}")
-        docs.append({"id": p.stem, "image": str(p), "mask": {"kind": "label_png", "path": str(label)}})
+        image = _image(img_dir, p.name, f"ADE20K image {p.stem!r}", allow_absolute_paths)  # a link out of the folder
+        label = _image(ann_dir, label.name, f"ADE20K image {p.stem!r}", allow_absolute_paths)
+        docs.append({"id": p.stem, "image": image, "mask": {"kind": "label_png", "path": label}})
     return docs
 
 
@@ -553,19 +565,16 @@ READERS: dict[str, ReaderSpec] = {
 
 
 def load_image(doc: Doc, where: str = ""):
-    """The doc's image as an RGB PIL image; FileNotFoundError naming the file and doc otherwise."""
-    from PIL import Image
+    """The doc's image as an RGB PIL image (``vlmkit.data.images.open_image``: FileNotFoundError / ValueError
+    naming the file and doc). An image above ``open_image``'s pixel budget is downscaled when opened, with a
+    warning, except for docs with a ground-truth ``mask``, which are scored at the image's own size."""
+    from vlmkit.data.images import MAX_PIXELS, open_image
 
     src = doc["image"]
     if hasattr(src, "convert"):
         return src.convert("RGB")
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"{where}doc {doc.get('id')!r}: image not found: {src!r}")
-    try:
-        with Image.open(src) as im:
-            return im.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"{where}doc {doc.get('id')!r}: cannot read image {src!r} ({err})") from err
+    return open_image(src, where=f"{where}doc {doc.get('id')!r}: ",
+                      max_pixels=None if doc.get("mask") is not None else MAX_PIXELS)
 
 
 def _poly_counts(xy: list[float], h: int, w: int) -> list[int]:

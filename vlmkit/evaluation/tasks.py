@@ -73,7 +73,8 @@ GENERATION_KEYS = (
     "max_new_tokens", "min_new_tokens", "until", "do_sample", "temperature", "top_p", "top_k", "num_beams",
     "repetition_penalty",
 )
-_SYNTH_KEYS = ("generator", "out", "n", "seed", "size", "split", "max_shapes", "background")
+_SYNTH_KEYS = ("generator", "out", "n", "seed", "size", "split", "max_shapes", "background",
+               "images", "pool")  # images, pool: generator shapes_multi (vlmkit.data.shapes.write_multi)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
 
@@ -252,8 +253,9 @@ def _validate(data: dict[str, Any], path: Path) -> TaskConfig:
         for key in synth:
             if key not in _SYNTH_KEYS:
                 raise ValueError(f"{path}: unknown key {key!r} in synthesize; accepted: {list(_SYNTH_KEYS)}")
-        if synth.get("generator") != "shapes" or not isinstance(synth.get("out"), str):
-            raise ValueError(f"{path}: synthesize needs generator: shapes and out: <folder under the data root>")
+        if synth.get("generator") not in ("shapes", "shapes_multi") or not isinstance(synth.get("out"), str):
+            raise ValueError(f"{path}: synthesize needs generator: shapes or shapes_multi, and out: <folder under "
+                             f"the data root>; got generator {synth.get('generator')!r}, out {synth.get('out')!r}")
     for key in ("task_alias", "description"):
         if key in data and not isinstance(data[key], str):
             raise ValueError(f"{path}: {key!r} must be a str")
@@ -280,13 +282,14 @@ def load_task(path: str | os.PathLike) -> TaskConfig:
 
 
 def tasks_dir() -> Path:
-    """The ``eval/`` folder: ``$VLMKIT_TASKS_DIR``, else ``eval/`` next to the ``vlmkit`` package
-    (a source checkout), else ``./eval``."""
+    """The ``eval/`` folder: ``$VLMKIT_TASKS_DIR``, else the source checkout's ``eval/``, else the copy an
+    installed wheel carries (``vlmkit.resources.data_dir``), else ``./eval``."""
+    from ..resources import data_dir
+
     env = os.environ.get("VLMKIT_TASKS_DIR")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parents[2] / "eval"
-    return here if here.is_dir() else Path.cwd() / "eval"
+    return data_dir("eval") or Path.cwd() / "eval"
 
 
 def list_tasks(include_path: Sequence[str | os.PathLike] = ()) -> dict[str, Path]:

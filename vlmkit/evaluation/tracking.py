@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,11 +205,25 @@ def _latest_run_id(out_dir: Path) -> str | None:
     return manifests[-1].name[: -len("_run.json")] if manifests else None
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]{0,127}$")
+
+
+def _check_run_id(run_id: Any, what: str = "run id") -> None:
+    """A run id names files inside the output folder (``<run_id>_results.json``): 1-128 letters, digits and
+    ``_ . + -``, starting with a letter or digit, so it can never name a path elsewhere (``../../x``); ValueError
+    naming it otherwise. None (choose one) passes."""
+    if run_id is not None and (not isinstance(run_id, str) or not _RUN_ID.match(run_id)):
+        raise ValueError(f"{what} {run_id!r}: expected 1-128 letters, digits and _ . + - starting with a letter or "
+                         "digit (it names files inside the output folder)")
+
+
 def _resolve_run_id(run_id: str | None, out_dir: Path | None, resume: bool, dist: "_Dist") -> str:
     """The run id every rank uses: the given one, else (ranks without torch.distributed) ``VLMKIT_RUN_ID``,
     else rank 0's choice (the latest run in ``out_dir`` with ``resume``, else a new one) broadcast."""
+    _check_run_id(run_id)
     if dist.world > 1 and run_id is None and not dist.initialized:
         run_id = os.environ.get("VLMKIT_RUN_ID")
+        _check_run_id(run_id, "VLMKIT_RUN_ID")
         if run_id is None:
             raise ValueError("several processes without torch.distributed need a shared run id "
                              "(--run-id or VLMKIT_RUN_ID)")

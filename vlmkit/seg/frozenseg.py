@@ -54,6 +54,11 @@ MSDeformAttn op):
    the masks depend on the class list; without it they do not.
 9. Backbones: ConvNeXt (timm) open_clip towers only (``convnext_large_d_320`` and smaller); the
    reference's RN50x64 path (attention-pool mask pooling) is not implemented.
+10. Seen classes (``seen_match``). The reference (FC-CLIP's ``category_overlapping_mask``) splits every class
+    name into synonyms with ``name.replace(", ", ",").split(",")`` (no stripping) and calls a test class seen
+    when one of its synonyms is *exactly* one of the training synonyms. ``seen_match="exact"`` (default) does
+    the same; ``"normalized"`` (vlmkit before, kept as an option) strips and lower-cases both sides first, so
+    ``"Person"`` or ``"cat ,dog"`` also match ``"person"`` / ``"cat"``.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ from vlmkit.seg.criterion import set_criterion
 
 __all__ = [
     "FrozenSegConfig", "FrozenSeg", "build_frozenseg", "CLIPBackbone", "PixelDecoder", "SamFeatureInjector",
-    "VILD_TEMPLATES", "TEMPLATES", "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD",
+    "VILD_TEMPLATES", "TEMPLATES", "SEEN_MATCHES", "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD",
 ]
 
 #: FC-CLIP's pixel mean / std for the CLIP branch (0–255 RGB).
@@ -99,6 +104,8 @@ VILD_TEMPLATES = (
     "There is a large {} in the scene.",
 )
 TEMPLATES = {"vild": VILD_TEMPLATES, "plain": ("{}",)}
+#: How test class names are matched with the training vocabulary (module docstring, point 10).
+SEEN_MATCHES = ("exact", "normalized")
 CONFIG_NAME = "frozenseg.json"
 WEIGHTS_NAME = "frozenseg.safetensors"
 _FROZEN_PREFIXES = ("clip.", "sam_encoder.")
@@ -118,7 +125,8 @@ class FrozenSegConfig:
     SAM type (``vit_b`` / ``vit_l`` / ``vit_h`` / ``tiny``), ``sam_checkpoint``: local state dict.
     ``queries`` / ``layers``: decoder queries and layers (250 / 9). ``alpha`` / ``beta``: geometric
     ensemble weights of seen / unseen classes (0.4 / 0.8); ``train_classes``: the training vocabulary
-    that decides which classes count as seen. ``pmp``: PMP text cross-attention in the decoder.
+    that decides which classes count as seen, matched synonym by synonym ``seen_match="exact"`` as the
+    reference, or ``"normalized"`` (stripped, lower-cased). ``pmp``: PMP text cross-attention in the decoder.
     """
 
     clip: str = "convnext_large_d_320"
@@ -139,6 +147,7 @@ class FrozenSegConfig:
     ensemble_on_valid_mask: bool = False
     templates: str = "vild"
     train_classes: list[str] = dataclasses.field(default_factory=list)
+    seen_match: str = "exact"
     pmp: bool = False
     class_weight: float = 2.0
     mask_weight: float = 5.0
@@ -179,6 +188,8 @@ class FrozenSegConfig:
             raise ValueError(f"FrozenSegConfig.clip must be an open_clip model name, got {self.clip!r}")
         if not all(isinstance(c, str) and c.strip() for c in self.train_classes):
             raise ValueError(f"FrozenSegConfig.train_classes must be non-empty strings, got {self.train_classes!r}")
+        if self.seen_match not in SEEN_MATCHES:
+            raise ValueError(f"FrozenSegConfig.seen_match must be one of {list(SEEN_MATCHES)}, got {self.seen_match!r}")
         for name in ("class_weight", "mask_weight", "dice_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FrozenSegConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -389,8 +400,22 @@ class SamFeatureInjector(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def _split_labels(name: str) -> list[str]:
+    """The reference's ``split_labels`` exactly: ``"person, people"`` → ``["person", "people"]``, ``"a ,b"`` →
+    ``["a ", "b"]`` (nothing stripped)."""
+    return name.replace(", ", ",").split(",")
+
+
+def _seen_keys(name: str, match: str) -> set[str]:
+    """The synonyms of ``name`` compared with the training vocabulary under ``match`` (:data:`SEEN_MATCHES`)."""
+    if match == "exact":
+        return set(_split_labels(name))
+    return {s.lower() for s in _synonyms(name)}
+
+
 def _synonyms(name: str) -> list[str]:
-    """``"person, people"`` → ``["person", "people"]`` (the reference's ``split_labels``)."""
+    """``"person, people"`` → ``["person", "people"]`` (the reference's ``split_labels``, stripped; empty
+    synonyms dropped): the names the text classifier embeds."""
     syns = [s.strip() for s in name.replace(", ", ",").split(",") if s.strip()]
     if not syns:
         raise ValueError(f"class name {name!r} holds no name")
@@ -439,7 +464,7 @@ class FrozenSeg(nn.Module):
         self.classes: list[str] = []
         self.register_buffer("_text_classifier", torch.zeros(0, E), persistent=False)
         self._num_synonyms: list[int] = []
-        self._train_synonyms = {s.lower() for n in c.train_classes for s in _synonyms(n)}
+        self._train_synonyms = {s for n in c.train_classes for s in _seen_keys(n, c.seen_match)}
         self.train()
 
     @staticmethod
@@ -483,8 +508,10 @@ class FrozenSeg(nn.Module):
         self.classes = [str(c) for c in classes]
 
     def seen_mask(self, classes: Sequence[str]) -> torch.Tensor:
-        """bool [K]: classes sharing a synonym with ``config.train_classes`` (they get α, the others β)."""
-        return torch.tensor([bool({s.lower() for s in _synonyms(n)} & self._train_synonyms) for n in classes],
+        """bool [K]: classes sharing a synonym with ``config.train_classes`` (they get α, the others β), compared
+        as ``config.seen_match`` says (``exact``: the reference's strings, unstripped, case-sensitive)."""
+        match = self.config.seen_match
+        return torch.tensor([bool(_seen_keys(str(n), match) & self._train_synonyms) for n in classes],
                             dtype=torch.bool)
 
     def _vocabulary(self, classes):

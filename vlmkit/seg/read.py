@@ -42,6 +42,12 @@ Conventions and choices (those the reference does not fix are marked [choice]):
   descending), negatives (in [0, ``neg_thresh``], ascending), then neutral cells (label -1, index order),
   the first ``points`` of that list. Cell (r, c) → pixel (int(min((c+.5)·W/w', W-1)), int(min((r+.5)·H/h',
   H-1))). [choice] Ties keep index order (stable sort); the map is generalised to non-square grids.
+- Padding rounding (``pad_rule``). READ pads each side by ``(int(S · t / m) - t) // 2`` cells (t the grid
+  side, m = min(H, W), S the side's length), in floating point: for 84 of the sides m in 1..2048 (47, 94,
+  147, 188, ...) ``int(m · (t / m))`` is t - 1, the padding is -1, and ``F.pad`` *crops* one cell from each
+  end of the short side: a 94×141 image gives READ a 10×18 map (the 12×12 grid minus its first and last
+  rows, padded to 18 columns) where the map should be 12×18. [choice] The default ``"clamp"`` pads by
+  ``max(0, ...)`` (12×18: no similarity cell lost); ``"reference"`` reproduces READ's crop.
 - ``continuous_points`` (default on, as READ): each point moves to the mean of the pixel grid weighted by
   ``exp(-distance²)·softmax(full-resolution map)``, which makes the coordinates differentiable with
   respect to the hidden states. [choice] The full-resolution map is the min-max normalised grid resized
@@ -76,7 +82,7 @@ from vlmkit.config import StageConfig, register_stage
 from vlmkit.stage import AddsTokens, TokenMaskHead
 
 __all__ = [
-    "SEG_TOKEN", "SAM_TYPES", "GRID_VIEWS", "SHORT_QUESTION_LIST", "LONG_QUESTION_LIST", "ANSWER_LIST",
+    "SEG_TOKEN", "SAM_TYPES", "GRID_VIEWS", "PAD_RULES", "SHORT_QUESTION_LIST", "LONG_QUESTION_LIST", "ANSWER_LIST",
     "EVAL_QUESTION", "READConfig", "READ", "PointPrompt", "seg_token_mask", "similarity_grid", "select_points",
     "continuous_coords", "sigmoid_ce_loss", "dice_loss", "mask_losses",
 ]
@@ -84,6 +90,8 @@ __all__ = [
 SEG_TOKEN = "[SEG]"
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 GRID_VIEWS = ("center_crop", "full")
+#: Padding rules of the similarity map (see the module docstring): ``clamp`` (never crop) or READ's ``reference``.
+PAD_RULES = ("clamp", "reference")
 
 #: LISA's training questions (``utils/utils.py``) without the image marker; ``{class_name}`` / ``{sent}``.
 SHORT_QUESTION_LIST = [
@@ -132,7 +140,9 @@ class READConfig(StageConfig):
     ``down_sample``: factor the similarity grid is bilinearly downsampled by before selection (READ-7B 2,
     13B 1). ``continuous_points``: READ's differentiable sub-pixel refinement of the points.
     ``grid_view``: what part of the image the vision grid covers (``center_crop`` as CLIP-336 in READ;
-    ``full`` for towers that squash the image). ``token``: the added token. ``ce_weight`` /
+    ``full`` for towers that squash the image). ``pad_rule``: ``"clamp"`` (default) or ``"reference"`` (READ's
+    float rounding, which crops a cell from each end of the short side for some image sizes; see the module
+    docstring). ``token``: the added token. ``ce_weight`` /
     ``bce_weight`` / ``dice_weight``: loss weights (LISA 1 / 2 / 0.5; READ-7B's README recipe uses dice 4);
     ``dice_scale``: LISA's DICE scale (1000).
     """
@@ -148,6 +158,7 @@ class READConfig(StageConfig):
     down_sample: int = 2
     continuous_points: bool = True
     grid_view: str = "center_crop"
+    pad_rule: str = "clamp"
     token: str = SEG_TOKEN
     ce_weight: float = 1.0
     bce_weight: float = 2.0
@@ -175,6 +186,8 @@ class READConfig(StageConfig):
             raise ValueError(f"continuous_points must be a bool, got {self.continuous_points!r}")
         if self.grid_view not in GRID_VIEWS:
             raise ValueError(f"grid_view must be one of {list(GRID_VIEWS)}, got {self.grid_view!r}")
+        if self.pad_rule not in PAD_RULES:
+            raise ValueError(f"pad_rule must be one of {list(PAD_RULES)}, got {self.pad_rule!r}")
         if not isinstance(self.token, str) or not self.token or self.token != self.token.strip() or " " in self.token:
             raise ValueError(f"token must be a non-empty string without spaces, got {self.token!r}")
         for name in ("ce_weight", "bce_weight", "dice_weight"):
@@ -305,13 +318,17 @@ def select_points(
     down_sample: int = 2,
     grid_view: str = "center_crop",
     continuous: bool = False,
+    pad_rule: str = "clamp",
 ) -> PointPrompt:
     """READ's ``similarity_map_to_points`` on a similarity grid ``sim`` float [h, w] (NaN = pruned cell).
 
     Returns the first ``num_points`` of [positives by value descending, negatives ascending, neutral
     cells], each mapped to the pixel under its cell centre of the padded map (see the module docstring).
-    ``continuous`` applies :func:`continuous_coords`.
+    ``continuous`` applies :func:`continuous_coords`. ``pad_rule``: ``"clamp"`` pads by ``max(0, (new - t) //
+    2)``; ``"reference"`` keeps READ's negative padding (a crop) where float rounding gives ``new = t - 1``.
     """
+    if pad_rule not in PAD_RULES:
+        raise ValueError(f"pad_rule must be one of {list(PAD_RULES)}, got {pad_rule!r}")
     if sim.dim() != 2:
         raise ValueError(f"sim must be a 2-D grid [h, w], got shape {tuple(sim.shape)}")
     H, W = int(image_size[0]), int(image_size[1])
@@ -339,7 +356,9 @@ def select_points(
         hd, wd = norm.shape
         _, _, rh, rw = _view_region(H, W, (hd, wd), grid_view)
         new_h, new_w = int(H * (hd / rh)), int(W * (wd / rw))  # READ: int(H · target / min(H, W))
-        pad_h, pad_w = max(0, (new_h - hd) // 2), max(0, (new_w - wd) // 2)
+        pad_h, pad_w = (new_h - hd) // 2, (new_w - wd) // 2
+        if pad_rule == "clamp":
+            pad_h, pad_w = max(0, pad_h), max(0, pad_w)
         padded = F.pad(norm, (pad_w, pad_w, pad_h, pad_h), value=-1.0)
         hp, wp = padded.shape
         flat = padded.reshape(-1)
@@ -525,7 +544,8 @@ class READ(AddsTokens, TokenMaskHead):
         sim = similarity_grid(hidden[b, p], hidden[b, positions], cells, grid)
         c = self.config
         return select_points(sim, image_size, num_points=c.points, pos_thresh=c.pos_thresh, neg_thresh=c.neg_thresh,
-                             down_sample=c.down_sample, grid_view=c.grid_view, continuous=c.continuous_points)
+                             down_sample=c.down_sample, grid_view=c.grid_view, continuous=c.continuous_points,
+                             pad_rule=c.pad_rule)
 
     def mask_logits(
         self, batch, hidden: torch.Tensor, positions: Sequence[Sequence[int]], sam_images: Sequence[Any],

@@ -2,8 +2,8 @@
 
 Input: COCO instances (``images``, ``annotations`` whose ``segmentation`` is polygons, compressed or
 uncompressed RLE) and RefCOCO-style refs (``[{ref_id, ann_id, image_id, split, sentences: [{sent}]}]``)
-as JSON, or as the ``refs(unc).p`` pickles RefCOCO ships (read with a restricted unpickler that
-admits only builtin containers and scalars). Output, as ``playground/data/create_json/create_refcoco.py``
+as JSON, or as the ``refs(unc).p`` pickles RefCOCO ships (read by ``vlmkit.data.safe_pickle``: builtin
+containers and scalars only, bounded by the file's size). Output, as ``playground/data/create_json/create_refcoco.py``
 of the reference (``mc-lan/Text4Seg`` @ d6540b6; Text4Seg, arXiv 2410.09855)::
 
     [{"id", "image", "height": grid, "width": grid,
@@ -24,10 +24,8 @@ skipped (with a warning).
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
-import pickle
 import random
 import re
 import warnings
@@ -89,31 +87,19 @@ def sanitize_label(text: str) -> str:
 # Readers
 # ---------------------------------------------------------------------------------------------
 
-_SAFE_BUILTINS = frozenset({
-    "set", "frozenset", "list", "dict", "tuple", "str", "bytes", "bytearray", "int", "float", "complex",
-    "bool", "slice",
-})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits builtin containers and scalars only; any other global raises UnpicklingError."""
-
-    def find_class(self, module: str, name: str):
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name}: refs pickles may hold only builtin containers and scalars"
-        )
-
-
 def _read_json_or_pickle(path: str | os.PathLike) -> Any:
     path = Path(path)
     if path.suffix.lower() in (".p", ".pkl", ".pickle"):
-        with open(path, "rb") as f:
-            # RefCOCO's pickles were written by Python 2: its str are decoded as latin-1
-            return _RestrictedUnpickler(f, encoding="latin1").load()
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        from vlmkit.data.safe_pickle import load_refs_pickle
+
+        # RefCOCO's pickles were written by Python 2: its str are decoded as latin-1. Builtin containers and
+        # scalars only, size-bounded; errors name the file (RefsPickleError, a ValueError and UnpicklingError)
+        return load_refs_pickle(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{os.fspath(path)}: not a UTF-8 JSON file ({err})") from err
 
 
 def load_refs(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -273,12 +259,15 @@ def refseg_to_llava(
     seed: int = 0,
     image_prefix: str = "",
     format: str = "rrle",
+    allow_absolute_paths: bool = False,
 ) -> list[dict[str, Any]]:
     """Convert refs (of ``split``, or all) into LLaVA records with Text4Seg answers.
 
     One record per ref (per sentence with ``per_sentence``), ``repeats`` passes over the images,
     ``rounds`` question/answer rounds per record. ``grid``: descriptor grid side (16 default; 24,
-    32). ``format``: ``"rrle"`` (``"irle"``/``"full"`` for the ablations).
+    32). ``format``: ``"rrle"`` (``"irle"``/``"full"`` for the ablations). An instances ``file_name`` (and
+    ``image_prefix``) must be a relative path that stays below its folder (``vlmkit.data.images.relative_name``)
+    unless ``allow_absolute_paths``: the records name images that ``vlmkit finetune`` opens.
     """
     if isinstance(instances, (str, os.PathLike)):
         instances = load_instances(instances)
@@ -318,6 +307,14 @@ def refseg_to_llava(
             small[ref["ann_id"]] = downsample_mask(mask, gh, gw)
         return small[ref["ann_id"]]
 
+    from vlmkit.data.images import relative_name
+
+    names = {}
+    for image_id in by_image:
+        name = images[image_id].get("file_name")
+        name = f"{image_prefix.rstrip('/')}/{name}" if image_prefix and isinstance(name, str) else name
+        names[image_id] = relative_name(name, allow_absolute=allow_absolute_paths,
+                                        where=f"instances image id={image_id!r}")
     rng = random.Random(seed)
     records = []
     for rep in range(repeats):
@@ -337,7 +334,7 @@ def refseg_to_llava(
                     rid = f"{image_id}_{ref.get('ref_id')}" + (f"_{k}" if per_sentence else "")
                     records.append({
                         "id": rid + (f"_r{rep}" if repeats > 1 else ""),
-                        "image": f"{image_prefix.rstrip('/')}/{img['file_name']}" if image_prefix else img["file_name"],
+                        "image": names[image_id],
                         "height": gh,
                         "width": gw,
                         "conversations": turns,
@@ -373,10 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-prefix", default="")
     p.add_argument("--format", default="rrle", choices=list(FORMATS))
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="accept image file names that are absolute or leave their folder (default: refused)")
     a = p.parse_args(argv)
     path = write_refseg_llava(
         a.instances, a.refs, a.out, grid=a.grid, split=a.split, rounds=a.rounds, repeats=a.repeats,
         per_sentence=a.per_sentence, seed=a.seed, image_prefix=a.image_prefix, format=a.format,
+        allow_absolute_paths=a.allow_absolute_paths,
     )
     print(path)
     return 0

@@ -31,6 +31,7 @@ whose ``repairs`` list what was fixed. Two modes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from itertools import groupby
 from typing import Any, Iterable, Sequence
@@ -41,8 +42,8 @@ __all__ = [
     "BACKGROUND", "SEG_START", "SEG_END", "FORMATS", "DECODE_MODES", "REPAIR_KINDS", "GRID_RANGE",
     "Repair", "DecodedGrid", "check_label", "downsample_mask", "mask_to_labels", "encode_rrle",
     "encode_irle", "encode_descriptors", "encode", "decode_rrle", "decode_irle", "decode_descriptors",
-    "decode", "decode_answer", "label_ids", "labels_to_mask", "grid_to_mask", "wrap_answer",
-    "extract_seg",
+    "decode", "decode_answer", "label_ids", "labels_to_mask", "grid_to_mask", "upsample_nearest", "wrap_answer",
+    "extract_seg", "GRID_STR_BYTES",
 ]
 
 #: Background label of every descriptor format.
@@ -77,10 +78,25 @@ REPAIR_KINDS = {
 
 _FORBIDDEN_IN_LABEL = ("|", "*", "\n", "\r")
 _MAX_COUNT_DIGITS = 9  # a longer count is surely wrong; it is capped instead of parsed
-_ROW_SPLIT = re.compile(r"[ \t]*\r?\n\s*")
-_RUN_SPLIT = re.compile(r"[ \t]*\|[ \t]*")
-_RUN = re.compile(r"(.*?)([ \t]*\*[ \t]*)([0-9]+)[ \t]*", re.S)
-_CELL_SPLIT = re.compile(r"\s*[|\n]\s*")
+# Separators. Each is the plain pattern (rows: [ \t]*\r?\n\s*, runs: [ \t]*\|[ \t]*, cells: \s*[|\n]\s*) with a
+# look-behind that starts a match only at the first blank of a run of blanks: the plain pattern retries at every
+# blank of a long blank run without a separator (quadratic); a match can never start after a blank that was not
+# itself a start, except right after the previous match (the second alternative), so the splits are the same.
+_ROW_SPLIT = re.compile(r"(?<![ \t])[ \t]*\r?\n\s*")
+_RUN_SPLIT = re.compile(r"(?<![ \t])[ \t]*\|[ \t]*|\|[ \t]*")
+_RUN_TAIL = re.compile(r"[ \t]*([0-9]+)([ \t]*)")  # what may follow a run's last "*"
+_CELL_SPLIT = re.compile(r"(?<!\s)\s*[|\n]\s*|\|\s*")
+#: Labels longer than this are shown shortened in repair details and errors.
+_SHOW_CHARS = 200
+#: Largest fixed-width str grid (bytes) ``DecodedGrid.grid`` builds; above it the grid is an object array.
+GRID_STR_BYTES = 16 * 2**20
+
+
+def _show(label: Any) -> str:
+    """repr of ``label``, shortened beyond :data:`_SHOW_CHARS` characters (model text can be megabytes)."""
+    if isinstance(label, str) and len(label) > _SHOW_CHARS:
+        return f"{label[:_SHOW_CHARS]!r}... ({len(label)} characters)"
+    return repr(label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +117,12 @@ class Repair:
 class DecodedGrid:
     """What a decoder recovered from model text.
 
-    ``grid`` str [h, w]: one label per cell. ``ids`` int64 [h, w]: class id per cell, ``names[i]`` the
-    label of id ``i``; 0 is background. ``repairs``: what was fixed (empty for well-formed text).
-    ``np.asarray(decoded)`` is ``grid``.
+    ``ids`` int64 [h, w]: class id per cell, ``names[i]`` the label of id ``i``; 0 is background.
+    ``repairs``: what was fixed (empty for well-formed text). ``grid`` str [h, w]: one label per cell, built
+    from ``ids`` and ``names`` on first access (``np.asarray(decoded)`` is ``grid``). The decoders themselves
+    never build it: their work and memory are linear in the text and bounded by the grid, however long a
+    label is. ``grid`` is a fixed-width str array (``<U{longest label present}``) up to
+    :data:`GRID_STR_BYTES` bytes, else (a megabyte-long label) an object array of the same str values.
 
     Ids: lenient mode reserves 0 for ``others`` and numbers the other labels in first-seen order.
     Reference mode reproduces ``translate_sequence``: first-seen order over the whole (untruncated)
@@ -111,11 +130,23 @@ class DecodedGrid:
     counts as background (so a grid with no ``others`` cell has its first label as background there).
     """
 
-    grid: np.ndarray
     ids: np.ndarray
     names: tuple[str, ...]
     repairs: tuple[Repair, ...] = ()
     mode: str = "lenient"
+
+    @functools.cached_property
+    def grid(self) -> np.ndarray:
+        """str [h, w]: ``names[ids]`` (see the class docstring for its dtype)."""
+        present, inverse = np.unique(self.ids, return_inverse=True)
+        labels = [self.names[i] for i in present.tolist()]
+        width = max(1, max(len(label) for label in labels))
+        if self.ids.size * width * 4 <= GRID_STR_BYTES:
+            table = np.asarray(labels, dtype=f"<U{width}")
+        else:
+            table = np.empty(len(labels), dtype=object)
+            table[:] = labels
+        return table[inverse.reshape(self.ids.shape)]
 
     @property
     def ok(self) -> bool:
@@ -129,7 +160,7 @@ class DecodedGrid:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.grid.shape)  # type: ignore[return-value]
+        return tuple(self.ids.shape)  # type: ignore[return-value]
 
     @property
     def labels(self) -> list[str]:
@@ -156,10 +187,10 @@ def check_label(label: Any) -> str:
     whitespace (the reference strips labels when decoding, so such labels would not round-trip).
     """
     if not isinstance(label, str):
-        raise TypeError(f"descriptor labels must be str, got {type(label).__name__}: {label!r}")
+        raise TypeError(f"descriptor labels must be str, got {type(label).__name__}: {_show(label)}")
     if not label or label != label.strip() or any(c in label for c in _FORBIDDEN_IN_LABEL):
         raise ValueError(
-            f"invalid descriptor label {label!r}: need a non-empty string without surrounding whitespace "
+            f"invalid descriptor label {_show(label)}: need a non-empty string without surrounding whitespace "
             f"and without any of {list(_FORBIDDEN_IN_LABEL)} (use refseg_data.sanitize_label)"
         )
     return label
@@ -224,9 +255,6 @@ def grid_to_mask(grid: Any, size: tuple[int, int]) -> np.ndarray:
     Nearest upsampling with ``torch.nn.functional.interpolate(mode="nearest")`` on float64, as the
     reference (output pixel y samples grid row ``floor(y * h / H)``).
     """
-    import torch
-    import torch.nn.functional as F
-
     if isinstance(grid, DecodedGrid):
         fg = grid.mask
     else:
@@ -234,9 +262,22 @@ def grid_to_mask(grid: Any, size: tuple[int, int]) -> np.ndarray:
         fg = arr if arr.dtype == bool else (arr != BACKGROUND if arr.dtype.kind in "UO" else arr != 0)
     if fg.ndim != 2:
         raise ValueError(f"grid must be 2-D [h, w], got shape {fg.shape}")
+    return upsample_nearest(fg.astype(np.float64), size) > 0.5
+
+
+def upsample_nearest(values: Any, size: tuple[int, int]) -> np.ndarray:
+    """Numeric grid [h, w] → [H, W] at ``size`` = (H, W), same dtype, by the rule of :func:`grid_to_mask`:
+    ``torch.nn.functional.interpolate(mode="nearest")`` on float64 (output pixel y samples grid row
+    ``floor(y * h / H)``). Integer values must be exact in float64 (|v| < 2**53)."""
+    import torch
+    import torch.nn.functional as F
+
+    arr = np.asarray(values)
+    if arr.ndim != 2:
+        raise ValueError(f"grid must be 2-D [h, w], got shape {arr.shape}")
     height, width = _check_size(size)
-    t = torch.from_numpy(np.ascontiguousarray(fg, dtype=np.float64))[None, None]
-    return (F.interpolate(t, size=(height, width), mode="nearest")[0, 0] > 0.5).numpy()
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))[None, None]
+    return F.interpolate(t, size=(height, width), mode="nearest")[0, 0].numpy().astype(arr.dtype)
 
 
 def _check_size(size: Any) -> tuple[int, int]:
@@ -335,10 +376,7 @@ def _check_shape(height: Any, width: Any) -> tuple[int, int]:
 
 
 def _background(height: int, width: int, repairs: list[Repair], mode: str) -> DecodedGrid:
-    return DecodedGrid(
-        grid=np.full((height, width), BACKGROUND), ids=np.zeros((height, width), np.int64),
-        names=(BACKGROUND,), repairs=tuple(repairs), mode=mode,
-    )
+    return DecodedGrid(ids=np.zeros((height, width), np.int64), names=(BACKGROUND,), repairs=tuple(repairs), mode=mode)
 
 
 Run = tuple[str, int]  # (label, count)
@@ -347,16 +385,13 @@ Run = tuple[str, int]  # (label, count)
 def _grid_from_runs(
     runs: list[Run], names: list[str], height: int, width: int, repairs: list[Repair], mode: str
 ) -> DecodedGrid:
-    """Expand runs (already exactly height × width cells) with numpy: O(runs) Python work."""
+    """Expand runs (already exactly height × width cells) into ids with numpy: O(runs) Python work; labels are
+    only looked up (hashed once each), never copied into a per-cell array."""
     index = {name: i for i, name in enumerate(names)}
     counts = np.fromiter((c for _, c in runs), np.int64, count=len(runs))
-    labels = np.asarray([label for label, _ in runs])
     ids = np.fromiter((index[label] for label, _ in runs), np.int64, count=len(runs))
-    return DecodedGrid(
-        grid=np.repeat(labels, counts).reshape(height, width),
-        ids=np.repeat(ids, counts).reshape(height, width),
-        names=tuple(names), repairs=tuple(repairs), mode=mode,
-    )
+    return DecodedGrid(ids=np.repeat(ids, counts).reshape(height, width), names=tuple(names),
+                       repairs=tuple(repairs), mode=mode)
 
 
 def _lenient_names(runs: list[Run]) -> list[str]:
@@ -417,7 +452,7 @@ def _decode_reference(text: str, height: int, width: int, format: str) -> Decode
         names.insert(0, BACKGROUND)
     repairs: list[Repair] = []
     if n_cells < total:
-        repairs.append(Repair("short", f"{n_cells} cells for {total}: padded with {runs[-1][0]!r}"))
+        repairs.append(Repair("short", f"{n_cells} cells for {total}: padded with {_show(runs[-1][0])}"))
         runs.append((runs[-1][0], total - n_cells))
     elif n_cells > total:
         repairs.append(Repair("long", f"{n_cells} cells for {total}: truncated"))
@@ -446,14 +481,18 @@ def _parse_run(part: str) -> tuple[str | None, int, bool]:
     if sep and digits.isascii() and digits.isdigit() and len(digits) <= _MAX_COUNT_DIGITS:
         if label and label[0] not in " \t" and label[-1] not in " \t" and "*" not in label and "\r" not in label:
             return label, int(digits), digits[0] != "0" or len(digits) == 1
-    m = _RUN.fullmatch(part)
+    # "{label}[ \t]*\*[ \t]*{digits}[ \t]*": only [ \t0-9] may follow the star, so it is the last "*"; the
+    # label takes the shortest prefix (blanks before the star belong to the separator). Linear time.
+    star = part.rfind("*")
+    m = _RUN_TAIL.fullmatch(part, star + 1) if star >= 0 else None
     if m is None:
         return None, 0, True
-    raw, sep, digits = m.groups()
+    raw = part[:star].rstrip(" \t")
+    sep, digits = part[len(raw):m.start(1)], m.group(1)
     label = raw.strip()
     count = int(digits) if len(digits) <= _MAX_COUNT_DIGITS else 10**_MAX_COUNT_DIGITS
     canonical = (
-        sep == " *" and raw == label and m.end(3) == len(part) and (digits[0] != "0" or len(digits) == 1)
+        sep == " *" and raw == label and not m.group(2) and (digits[0] != "0" or len(digits) == 1)
         and not any(c in label for c in _FORBIDDEN_IN_LABEL)
     )
     return label, count, canonical
@@ -491,7 +530,7 @@ def _fit(
         else:
             fill = good[-1][0] if good else BACKGROUND
             kind = "row_short" if row is not None else "short"
-            repairs.append(Repair(kind, f"{total} cells for {size} in {where}: padded with {fill!r}", row))
+            repairs.append(Repair(kind, f"{total} cells for {size} in {where}: padded with {_show(fill)}", row))
             good.append((fill, deficit))
     elif total > size:
         kind = "row_long" if row is not None else "long"
@@ -515,7 +554,7 @@ def _lenient_runs(line: str, repairs: list[Repair], row: int | None, flags: dict
         if not canonical:
             flags["noncanonical"] = True
         if label == "":
-            repairs.append(Repair("empty_label", f"run {part!r} has no label: background", row))
+            repairs.append(Repair("empty_label", f"run {_show(part)} has no label: background", row))
             label = BACKGROUND
         runs.append((label, count))
     return runs
@@ -576,7 +615,7 @@ def _decode_lenient_rle(text: str, height: int, width: int, format: str) -> Deco
             runs = [r for i, row in enumerate(rows) for r in _fit(row, width, i, repairs, flags)]
             if len(rows) < height:
                 fill = runs[-1][0]
-                repairs.append(Repair("rows_short", f"{len(rows)} rows for {height}: padded with {fill!r}"))
+                repairs.append(Repair("rows_short", f"{len(rows)} rows for {height}: padded with {_show(fill)}"))
                 runs.append((fill, (height - len(rows)) * width))
     if flags["noncanonical"]:
         repairs.insert(0, Repair("noncanonical", REPAIR_KINDS["noncanonical"]))

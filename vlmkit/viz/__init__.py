@@ -7,6 +7,7 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "pruning_map": "vlmkit.viz.pruning",
     "mask_overlay": "vlmkit.viz.masks",
+    "mask_comparison": "vlmkit.viz.masks",
     "line_plot": "vlmkit.viz.plot",
 }
 

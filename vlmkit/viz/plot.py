@@ -26,15 +26,24 @@ def line_plot(x: list[float], series: dict[str, list[float | None]], title: str 
 def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "", xlabel: str = "", ylabel: str = "",
                   size: tuple[int, int] = (780, 420), y_range: tuple[float, float] = (0.0, 1.0),
                   x_ticks: list[float] | None = None) -> "Image.Image":
-    """One line per series through its own (x, y) points (sorted by x), with axes, ticks and a legend (right)."""
+    """One line per series through its own (x, y) points (sorted by x), with axes, ticks and a legend (right).
+
+    Text uses a readable scalable font (``vlmkit.viz.annotate.font``); the right margin grows to fit the legend.
+    ``info["Title"]`` / ``info["Legend"]`` hold the title and the series names (``annotate.save_png`` writes them).
+    """
     from PIL import Image, ImageDraw
 
+    from .annotate import font
+
+    small, large = font(13), font(16)
     xs = [p[0] for pts in series.values() for p in pts] or [0.0, 1.0]
     x0, x1 = min(xs), max(xs)
     x_ticks = x_ticks if x_ticks is not None else [x0 + i * (x1 - x0) / 5 for i in range(6)]
-    W, H = size
-    left, right, top, bottom = 60, 150, 40, 50  # the legend sits in the right margin
-    img = Image.new("RGB", size, "white")
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_w = max([probe.textlength(name, font=small) for name in series] or [0.0])
+    W, H = size[0] + max(0, int(legend_w) - 100), size[1]
+    left, right, top, bottom = 60, int(legend_w) + 50, 44, 54  # the legend sits in the right margin
+    img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     y0, y1 = y_range
 
@@ -43,19 +52,22 @@ def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "",
         fy = (yv - y0) / ((y1 - y0) or 1)
         return left + fx * (W - left - right), H - bottom - fy * (H - top - bottom)
 
+    def centred(x: float, y: float, text: str, fnt) -> None:
+        draw.text((x - probe.textlength(text, font=fnt) / 2, y), text, fill="black", font=fnt)
+
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     for i in range(6):
         yv = y0 + i * (y1 - y0) / 5
         _, yp = px(x0, yv)
         draw.line([left - 4, yp, left, yp], fill="black")
-        draw.text((8, yp - 6), f"{yv:.1f}", fill="black")
+        draw.text((left - 8 - probe.textlength(f"{yv:.1f}", font=small), yp - 8), f"{yv:.1f}", fill="black", font=small)
     for xv in x_ticks:
         xp, _ = px(xv, y0)
         draw.line([xp, H - bottom, xp, H - bottom + 4], fill="black")
-        draw.text((xp - 10, H - bottom + 8), f"{xv:.3g}", fill="black")
-    draw.text((W // 2 - 3 * len(xlabel), H - 20), xlabel, fill="black")
-    draw.text((8, 8), ylabel, fill="black")
-    draw.text((W // 2 - 3 * len(title), 22), title, fill="black")
+        centred(xp, H - bottom + 8, f"{xv:.3g}", small)
+    centred((left + W - right) / 2, H - 24, xlabel, small)
+    draw.text((8, 8), ylabel, fill="black", font=small)
+    centred((left + W - right) / 2, 16, title, large)
     for k, (name, pts) in enumerate(series.items()):
         color = SERIES_COLORS[k % len(SERIES_COLORS)]
         points = [px(xv, yv) for xv, yv in sorted(pts)]
@@ -63,7 +75,10 @@ def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "",
             draw.line(points, fill=color, width=2)
         for p in points:
             draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
-        ly = top + 8 + 16 * k
-        draw.line([W - right + 10, ly + 6, W - right + 30, ly + 6], fill=color, width=3)
-        draw.text((W - right + 36, ly), name, fill=color)
+        ly = top + 8 + 20 * k
+        draw.line([W - right + 10, ly + 8, W - right + 30, ly + 8], fill=color, width=3)
+        draw.text((W - right + 36, ly), name, fill=color, font=small)
+    img.info["Title"] = title
+    img.info["Legend"] = "; ".join(series)
+    img.info["Axes"] = f"x: {xlabel}; y: {ylabel}"
     return img

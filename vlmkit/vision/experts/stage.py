@@ -55,6 +55,8 @@ class ExpertsConfig(StageConfig):
     display_name = "MouSi experts"
     requires = ("single_tile",)
     exclusive = True  # one stage decides how images are encoded
+    # its fused token runs are not the tower's patch grid: FoPru, VisionZip, VisPruner, PVC cannot score them
+    hides_capabilities = ("patch_grid", "vision_attention")
 
     experts: list = dataclasses.field(default_factory=_default_experts)
     fusion: str = "mlp"

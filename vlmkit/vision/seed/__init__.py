@@ -16,7 +16,10 @@ reads and writes as ordinary vocabulary tokens ``<img_00000>`` … ``<img_08191>
   learned queries, post-LN BERT layers (eps 1e-12, exact GELU), self-attention among the queries with a
   **causal** (lower-triangular) mask, full cross-attention to the image features every
   ``cross_attention_freq`` layers (layer i has it when ``i % freq == 0``), the query FFN
-  (``intermediate_query``/``output_query``).
+  (``intermediate_query``/``output_query``). [choice] The reference applies the causal mask only when it
+  is given exactly 32 queries (its released setting) and attends bidirectionally with any other count;
+  vlmkit's :class:`CausalQFormer` is causal for every ``num_queries`` (``causal=False`` gives the
+  bidirectional Q-Former), so it matches the reference at 32 queries and differs from it at other counts.
 - **Quantiser**: ``encode_task_layer`` Linear(W,W)→Tanh→Linear(W,code_dim); ``quantize`` =
   ``VectorQuantizer2`` (squared-L2 nearest code, no L2 normalisation, straight-through estimator,
   codebook init uniform(±1/codebook), legacy β placement); ``decode_task_layer``
