@@ -13,7 +13,13 @@ A. Shapes model (``vlmkit/assets/shapes-llava-tiny``), the evaluation harness wi
 B. Real width (``configs/llava-1.5-7b-hf.json``, random weights, ``--layers`` decoder layers): prefill time of
    the wrapped model vs no pruning, measured side by side (settings interleaved per repeat, medians), the ideal
    speed-up from counted FLOPs, their ratio, and the KV-cache bytes measured vs counted from the layer lengths
-   (2 · kv_heads · head_dim · bytes per cached token).
+   (2 · kv_heads · head_dim · bytes per cached token). For decoder-side methods, the wall time of their scoring and
+   selection (every call of the stage's ``scores`` / ``select``, timed inside the same timed prefills;
+   ``scoring_timer``) as a share of the prefill.
+
+``--accuracy-from`` takes section A's rows of the methods an earlier run measured from its
+``methods_results.json`` and measures only the others (A's numbers do not depend on the other rows); section B is
+always measured anew, since its ratios are only meaningful side by side.
 
 CPU: ``--quick`` (16 questions per point, 2 decoder layers at 7B width, 2 repeats) takes a few minutes on 2 cores.
 """
@@ -21,6 +27,7 @@ CPU: ``--quick`` (16 questions per point, 2 decoder layers at 7B width, 2 repeat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -51,6 +58,9 @@ def parse_args(argv):
                    help="methods_results.json of an earlier run (e.g. on a GPU): its section B is added to the report")
     p.add_argument("--reuse", default=None,
                    help="methods_results.json of an earlier run: re-render its sections A and B (no measuring)")
+    p.add_argument("--accuracy-from", default=None,
+                   help="methods_results.json of an earlier run: section A rows of the methods (and keeps) it holds "
+                        "are taken from it, only the others are measured; section B is measured anew")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -101,8 +111,49 @@ def measure_prefill(wrapped, inputs: dict) -> dict:
             "flops": counter.get_total_flops(), "kv_bytes": measured, "kv_bytes_counted": per_token * sum(lengths)}
 
 
+@contextlib.contextmanager
+def scoring_timer(wrapped, device: str):
+    """Accumulate the wall time (seconds, appended to the yielded list) of every ``scores`` / ``select`` call of
+    the decoder-side pruners of ``wrapped`` (``DecoderPruneStage``: FastV, PDrop, DART, VTW) while inside; on CUDA
+    each call is bracketed by synchronisations so that its kernels are counted. Nothing is timed for wrappers
+    without such stages."""
+    import torch
+
+    from vlmkit.decoder.prune import DecoderPruneStage
+
+    spent: list[float] = []
+    cuda = device.startswith("cuda")
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize()
+                spent.append(time.perf_counter() - start)
+        return run
+
+    stages = [s for s in wrapped.stages_of("decoder") if isinstance(s, DecoderPruneStage)]
+    for stage in stages:
+        for name in ("scores", "select"):
+            setattr(stage, name, timed(getattr(stage, name)))  # instance attributes shadow the methods
+    try:
+        yield spent
+    finally:
+        for stage in stages:
+            for name in ("scores", "select"):
+                delattr(stage, name)
+
+
 # --- A: the shapes model ----------------------------------------------------------------------------------
-def section_a(methods: dict, args) -> dict:
+def section_a(methods: dict, args, earlier: dict | None = None) -> dict:
+    """Section A; ``earlier``: section A of an earlier run, whose rows (per method and keep) are taken as they are.
+    ``measured_by`` names, per method of an earlier run, the command that measured it (carried over from run to run;
+    methods measured by this run are not listed)."""
     import torch
 
     from vlmkit import Predictor
@@ -132,16 +183,44 @@ def section_a(methods: dict, args) -> dict:
         return {"vqa": _score(res, "shapes_vqa", "vqa_accuracy"), "ciou": _score(res, "shapes_refseg", "cIoU"), **cost}
 
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
-    rows = {"full": {1.0: one("full", [])}}
+    old = {} if earlier is None else {m: {float(k): r for k, r in per_keep.items()}
+                                      for m, per_keep in earlier["rows"].items()}
+    if earlier is not None and "reused" in earlier:  # the first format: {"rows": [...], "command": ...}
+        earlier = {**earlier, "measured_by": {m: earlier["reused"]["command"] for m in earlier["reused"]["rows"]}}
+    by = {} if earlier is None else {m: earlier.get("measured_by", {}).get(m, earlier["command"]) for m in old}
+    reused: list[str] = []
+    rows = {"full": old["full"]} if 1.0 in old.get("full", {}) else {"full": {1.0: one("full", [])}}
+    if "full" in by and 1.0 in old.get("full", {}):
+        reused.append("full")
     for label, method_spec in methods.items():
         rows[label] = {}
+        if all(keep in old.get(label, {}) for keep in args.keeps):
+            rows[label] = {keep: old[label][keep] for keep in args.keeps}
+            reused.append(label)
+            continue
         for keep in args.keeps:
             rows[label][keep] = one(label, [method_spec.format(k=keep)])
             if not args.quiet:
                 r = rows[label][keep]
                 print(f"  {label:18s} keep {keep:<5} VQA {r['vqa']:.3f} cIoU {r['ciou']:.3f} "
                       f"visual/layer {r['avg_visual_per_layer']:.1f}", flush=True)
-    return {"model": description, "rows": rows}
+    out = {"model": description, "rows": rows, "limit": args.limit}
+    if reused:
+        out["measured_by"] = {m: by[m] for m in reused}
+    return out
+
+
+def _provenance(a: dict) -> str:
+    """The sentence saying which rows of section A earlier runs measured (empty when this run measured all)."""
+    groups: dict[str, list[str]] = {}
+    for method, command in a.get("measured_by", {}).items():
+        groups.setdefault(command, []).append(method)
+    if not groups:
+        return ""
+    parts = [f"rows of {', '.join(methods)} by `{command}`" for command, methods in groups.items()]
+    rest = [m for m in a["rows"] if m not in a["measured_by"]]
+    return (" Measured by earlier runs: " + "; ".join(parts) + "; "
+            + (f"the rows of {', '.join(rest)} by this run." if rest else "no row by this run."))
 
 
 # --- B: real width ------------------------------------------------------------------------------------------
@@ -162,7 +241,7 @@ def section_b(methods: dict, args) -> dict:
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     settings = {"full": []} | {f"{label} @ {keep}": [method_spec.format(k=keep)]
                                for label, method_spec in methods.items() for keep in args.keeps}
-    cost, times = {}, {name: [] for name in settings}
+    cost, times, scoring = {}, {name: [] for name in settings}, {name: [] for name in settings}
     for name, compress in settings.items():
         wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
         cost[name] = measure_prefill(wrapped, inputs)
@@ -170,16 +249,22 @@ def section_b(methods: dict, args) -> dict:
     for _ in range(args.repeats):  # interleaved: every setting once per repeat
         for name, compress in settings.items():
             wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
-            with torch.no_grad():
-                times[name].append(bc.timed(lambda: wrapped(**inputs, use_cache=True, logits_to_keep=1), device))
+            with torch.no_grad(), scoring_timer(wrapped, device) as spent:
+                t = bc.timed(lambda: wrapped(**inputs, use_cache=True, logits_to_keep=1), device)
+            times[name].append(t)
+            if spent:  # a decoder-side method scored: its share of this very prefill
+                scoring[name].append(sum(spent) / t)
             unwrap(wrapped)
     base_t, base_f = statistics.median(times["full"]), cost["full"]["flops"]
     rows = {}
     for name in settings:
         t = statistics.median(times[name])
-        rows[name] = {**cost[name], "seconds": t, "speedup": base_t / t, "ideal": base_f / cost[name]["flops"],
+        rows[name] = {**cost[name], "seconds": t, "times": times[name], "speedup": base_t / t,
+                      "ideal": base_f / cost[name]["flops"],
                       "layer_lengths": cost[name]["layer_lengths"]}
         rows[name]["efficiency"] = rows[name]["speedup"] / rows[name]["ideal"]
+        if scoring[name]:
+            rows[name]["scoring_fraction"] = statistics.median(scoring[name])
     return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
                       f"batch {args.batch}, prefill of the full prompt {base_t * 1e3:.1f} ms",
             "layers": args.layers, "full_layers": full_layers, "rows": rows}
@@ -192,15 +277,19 @@ def _speed_table(b: dict, repeats) -> list[str]:
              "Whole wrapped prefill (vision tower, projector, decoder, `use_cache=True`, one token of logits), "
              f"median of {repeats} interleaved repeats. Ideal = counted FLOPs of full / method; efficiency = "
              "measured speed-up / ideal. KV bytes: measured on the cache; counted = 2 · kv_heads · head_dim · "
-             "bytes · Σ layer lengths.", "",
-             "| setting | layer lengths | measured speed-up | ideal | efficiency | KV bytes measured | counted |",
-             "|---|---|---|---|---|---|---|"]
+             "bytes · Σ layer lengths. Scoring (decoder-side methods): wall time of the method's `scores` + "
+             "`select` calls inside the same timed prefill, as a share of it (median over repeats; – where not "
+             "measured).", "",
+             "| setting | layer lengths | measured speed-up | ideal | efficiency | scoring / prefill "
+             "| KV bytes measured | counted |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in b["rows"].items():
         lengths = r["layer_lengths"]
         shown = " ".join(map(str, lengths)) if len(lengths) <= 8 else \
             " ".join(f"{n}×{k}" for k, n in _runs(lengths))
+        scoring = f"{100 * r['scoring_fraction']:.2f} %" if "scoring_fraction" in r else "–"
         lines.append(f"| {name} | {shown} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['efficiency']:.2f} "
-                     f"| {r['kv_bytes']} | {r['kv_bytes_counted']} |")
+                     f"| {scoring} | {r['kv_bytes']} | {r['kv_bytes_counted']} |")
     return lines + [""]
 
 
@@ -227,7 +316,7 @@ def write_report(a: dict | None, b: dict | None, args, seconds: float) -> Path:
         lines += [f"## A. Shipped shapes model ({a['model']})", "",
                   f"Evaluation harness, {args.limit} held-out questions (`shapes_vqa`) and expressions "
                   "(`shapes_refseg`) per point, the same for every row. Visual tokens per layer, FLOPs and KV-cache "
-                  "bytes are measured on one prompt (batch 1) relative to no pruning.", "",
+                  "bytes are measured on one prompt (batch 1) relative to no pruning." + _provenance(a), "",
                   "| method | keep | VQA acc | cIoU | visual tokens / layer (mean) | per layer | prefill FLOPs vs full "
                   "| KV bytes vs full |", "|---|---|---|---|---|---|---|---|"]
         full = a["rows"]["full"][1.0]
@@ -280,7 +369,14 @@ def main(argv=None) -> int:
         if a is not None:  # JSON turned the keep ratios into strings
             a["rows"] = {m: {float(k): r for k, r in per_keep.items()} for m, per_keep in a["rows"].items()}
     else:
-        a = None if args.skip_accuracy else section_a(methods, args)
+        earlier = None
+        if args.accuracy_from:
+            data = json.loads(Path(args.accuracy_from).read_text())
+            earlier = {**data["A"], "command": data.get("command", "?")}
+            if earlier.get("limit", args.limit) != args.limit:
+                raise SystemExit(f"--accuracy-from {args.accuracy_from} used --limit {earlier['limit']}, "
+                                 f"not {args.limit}")
+        a = None if args.skip_accuracy else section_a(methods, args, earlier)
         b = None if args.skip_speed else section_b(methods, args)
     path = write_report(a, b, args, seconds if seconds is not None else time.perf_counter() - start)
     print(path.read_text())

@@ -24,6 +24,7 @@ from vlmkit.decoder.fastv import FastVConfig, fastv_select
 from vlmkit.decoder.pdrop import PDropConfig
 from vlmkit.decoder.prune import average_visual_tokens
 from vlmkit.decoder.vtw import VTWConfig
+from vlmkit.families import family_for
 
 FAMILIES = ["llava", "internvl", "qwen2_5_vl"]
 QUESTIONS = ["what shape is it ?", "how many red circle are there in the image"]
@@ -107,6 +108,36 @@ def test_keep_everything_is_the_unwrapped_model(family, config):
         with torch.no_grad():
             assert torch.equal(wrapped(**batch).logits, ref_logits)
         assert torch.equal(_generate(wrapped, batch), ref_tokens)
+
+
+#: the setting of each other decoder pruner that removes nothing, for a decoder of L layers
+NOTHING_PRUNED = {"pdrop": lambda L: PDropConfig(keep_ratio=1.0, layers=(0.5,)),
+                  "vtw": lambda L: VTWConfig(layer=L)}  # withdrawn "before layer L": after the last one
+
+
+@pytest.mark.parametrize("method", sorted(NOTHING_PRUNED))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nothing_pruned_is_the_unwrapped_model(family, method):
+    model, processor = shared_tiny(family)
+    batch = make_batch(processor, QUESTIONS, [1, 1])
+    with torch.no_grad():
+        ref_logits, ref_tokens = model(**batch).logits, _generate(model, batch)
+    L = len(family_for(model).decoder_layers)
+    with wrapped_model(family, NOTHING_PRUNED[method](L)) as (wrapped, _, _):
+        with torch.no_grad():
+            assert torch.equal(wrapped(**batch).logits, ref_logits)
+        assert torch.equal(_generate(wrapped, batch), ref_tokens)
+
+
+def test_vtw_neutral_layer():
+    assert VTWConfig(layer=32).drop_schedule(32, 576) == []
+    assert average_visual_tokens(VTWConfig(layer=32), 32, 576) == 576
+    assert VTWConfig(layer=31).drop_schedule(32, 576) == [(31, 0)]
+    with pytest.raises(ValueError, match="layer=33"):
+        VTWConfig(layer=33).drop_schedule(32, 576)
+    model, _ = shared_tiny("llava")  # 2 decoder layers
+    with pytest.raises(ValueError, match="layer=3"):
+        vlmkit.wrap(model, VTWConfig(layer=3))
 
 
 # --- lengths the layers see and the cache holds -----------------------------------------------------------
