@@ -34,7 +34,8 @@ __all__ = [
     "COLORS", "SHAPES", "CATEGORY_IDS", "QUESTION_TYPES", "VOCAB_WORDS", "BACKGROUNDS",
     "BACKGROUND_RGB", "NOISE_AMPLITUDE", "MIN_SIZE", "MIN_VISIBLE_FRACTION", "ShapeObject", "ShapesSample", "tokenize", "shape_mask",
     "extent_range", "draw_questions", "generate", "generate_one", "question_id", "annotation_id", "write_images",
-    "write_vqav2", "write_coco_refs", "write_llava", "write_dataset",
+    "write_vqav2", "write_coco_refs", "write_llava", "write_dataset", "LLAVA_FORMATS", "MULTI_PREFIX",
+    "multi_question", "multi_vocabulary", "draw_multi", "write_multi",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +55,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 CATEGORY_IDS: dict[str, int] = {shape: i + 1 for i, shape in enumerate(SHAPES)}
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "exists", "left_right")
 BACKGROUNDS: tuple[str, ...] = ("plain", "noise")
+LLAVA_FORMATS: tuple[str, ...] = ("single-turn", "multi-turn")  # write_llava: one question per record, or per image
 
 BACKGROUND_RGB: tuple[int, int, int] = (128, 128, 128)
 NOISE_AMPLITUDE = 16  # "noise" background: grey ± this much per pixel, never a palette colour
@@ -570,19 +572,42 @@ def write_coco_refs(
     }
 
 
+def _single_turn(markers: str, question: str, answer: str, record_id: str, images: str | list[str]) -> dict:
+    """One isolated question as a LLaVA record: ``"<image> QUESTION"`` (a space, not LLaVA's ``"\\n"``: the
+    shipped model's prompt is ``user : <image> QUESTION assistant :``, and ``"\\n"`` is a token of its
+    vocabulary it never saw there)."""
+    return {"id": record_id, "image": images, "conversations": [
+        {"from": "human", "value": f"{markers} {question}"}, {"from": "gpt", "value": answer}]}
+
+
 def write_llava(
-    samples: Sequence[ShapesSample], out_dir: str | Path, name: str = "llava_shapes_vqa.json"
+    samples: Sequence[ShapesSample], out_dir: str | Path, name: str = "llava_shapes_vqa.json",
+    format: str = "multi-turn",
 ) -> Path:
-    """Write LLaVA conversation JSON: one record per image, all its QA pairs as turns."""
+    """Write LLaVA conversation JSON of the VQA questions.
+
+    ``format``: ``"multi-turn"`` (LLaVA's layout): one record per image, ``"<image>\\n"`` + its first question,
+    then every QA pair as a turn that sees the earlier ones. ``"single-turn"``: one record per question,
+    ``"<image> QUESTION"`` → ``ANSWER`` (id ``<stem>_q<k>``): what the shipped model was trained on
+    (``vlmkit.train.shapes_data``: every turn isolated, right after the image), so ``vlmkit finetune
+    --template plain`` tokenizes each record to exactly the prompt and labels of its training.
+    """
     if not name.startswith("llava_"):
         raise ValueError(f"LLaVA file name must start with 'llava_', got {name!r}")
+    if format not in LLAVA_FORMATS:
+        raise ValueError(f"unknown LLaVA format {format!r}; accepted: {list(LLAVA_FORMATS)}")
     records = []
     for sample in samples:
+        stem = Path(sample.file_name).stem
+        if format == "single-turn":
+            records += [_single_turn("<image>", qa["question"], qa["answer"], f"{stem}_q{k}", sample.file_name)
+                        for k, qa in enumerate(sample.questions)]
+            continue
         turns = []
         for k, qa in enumerate(sample.questions):
             turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"]})
             turns.append({"from": "gpt", "value": qa["answer"]})
-        records.append({"id": Path(sample.file_name).stem, "image": sample.file_name, "conversations": turns})
+        records.append({"id": stem, "image": sample.file_name, "conversations": turns})
     return _write_json(Path(out_dir) / name, records)
 
 
@@ -594,10 +619,12 @@ def write_dataset(
     split: str = "val",
     max_shapes: int = 4,
     background: str = "plain",
+    llava_format: str = "multi-turn",
 ) -> dict[str, Path]:
     """Generate ``n`` samples and write every format under ``out_dir``; return the written paths.
 
-    Keys: "images" (folder of PNGs), "vqa_questions", "vqa_annotations", "instances", "refs", "llava".
+    Keys: "images" (folder of PNGs), "vqa_questions", "vqa_annotations", "instances", "refs", "llava"
+    (``llava_format``, see :func:`write_llava`; ``vlmkit shapes`` writes "single-turn" by default).
     """
     out_dir = Path(out_dir)
     samples = generate(n, seed=seed, size=size, max_shapes=max_shapes, background=background)
@@ -607,27 +634,162 @@ def write_dataset(
         "images": images_dir,
         **write_vqav2(samples, out_dir, split=split),
         **write_coco_refs(samples, out_dir, split=split),
-        "llava": write_llava(samples, out_dir),
+        "llava": write_llava(samples, out_dir, format=llava_format),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes_multi: N images in one prompt, one question about image k
+# ---------------------------------------------------------------------------------------------
+
+#: Prefix naming the asked image; the question follows with its first letter lowercased:
+#: "In image 7, how many shapes are there?". Its words ("in", "image", ",", the numbers) are not in
+#: :data:`VOCAB_WORDS` (the single-image texts) but are in the shipped model's tokenizer and in
+#: ``vlmkit.testing.tokenizer_words`` (numbers 0..64): see :func:`multi_vocabulary`.
+MULTI_PREFIX = "In image {k}, "
+MAX_MULTI_IMAGES = 64  # the vocabularies hold the numbers 0..64
+
+
+def multi_question(question: str, k: int) -> str:
+    """The shapes question ``question`` asked about image ``k`` (1-based) of a multi-image prompt."""
+    return MULTI_PREFIX.format(k=k) + question[0].lower() + question[1:]
+
+
+def multi_vocabulary(max_images: int = MAX_MULTI_IMAGES) -> list[str]:
+    """Every word a ``shapes_multi`` question or answer with up to ``max_images`` images can use, sorted."""
+    words = set(VOCAB_WORDS) | set(tokenize(MULTI_PREFIX.format(k=""))) | {str(k) for k in range(1, max_images + 1)}
+    return sorted(words)
+
+
+def _check_images(images: int | Sequence[int]) -> list[int]:
+    choices = [images] if isinstance(images, int) and not isinstance(images, bool) else list(images)
+    if not choices or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MULTI_IMAGES
+                          for n in choices):
+        raise ValueError(f"images per question must be an int in [1, {MAX_MULTI_IMAGES}] or a non-empty list of "
+                         f"them, got {images!r}")
+    return choices
+
+
+def draw_multi(samples: Sequence[ShapesSample], n: int, images: int | Sequence[int], seed: int = 0) -> list[dict]:
+    """``n`` multi-image questions over the image pool ``samples``.
+
+    Question q (0-based) depends only on (seed, q, the pool, ``images``): N = ``images`` (or drawn uniformly
+    from the list ``images``), N distinct pool images in random order, k uniform in 1..N, and one of image
+    k's own :attr:`ShapesSample.questions` drawn uniformly, asked with :func:`multi_question`. Its answer
+    and type are that question's: they depend on image k's scene alone. Returns dicts ``{"question",
+    "answer", "type", "image_ids" (the N pool ids in prompt order), "image_index" (k, 1-based)}``.
+    """
+    choices = _check_images(images)
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if len(samples) < max(choices):
+        raise ValueError(f"{max(choices)} images per question need a pool of at least that many images, "
+                         f"got {len(samples)}")
+    out = []
+    for q in range(n):
+        rng = np.random.default_rng([seed, 7, q])  # 7: a stream apart from generate()'s [seed, image_id]
+        count = choices[int(rng.integers(len(choices)))]
+        picked = [samples[int(i)] for i in rng.choice(len(samples), size=count, replace=False)]
+        k = int(rng.integers(1, count + 1))
+        qa = _pick(rng, picked[k - 1].questions)
+        out.append({"question": multi_question(qa["question"], k), "answer": qa["answer"], "type": qa["type"],
+                    "image_ids": [s.image_id for s in picked], "image_index": k})
+    return out
+
+
+def write_multi(
+    out_dir: str | Path,
+    n: int,
+    images: int | Sequence[int] = 4,
+    seed: int = 0,
+    pool: int | None = None,
+    size: int = 64,
+    split: str = "val",
+    max_shapes: int = 4,
+    background: str = "plain",
+) -> dict[str, Path]:
+    """Write ``n`` ``shapes_multi`` questions (:func:`draw_multi`) over a pool of ``pool`` images (default
+    ``max(N, n)``; ``generate(pool, seed, ...)``, so the pool of seed 0 is the ``shapes`` images of seed 0).
+
+    Files: ``images/`` (the pool's PNGs), the VQAv2 question / annotation pair (each question holds
+    ``image_ids``: its images in prompt order, read by the ``vqav2`` reader as a multi-image doc;
+    ``image_id``: the asked image; ``image_index``: k), and ``llava_shapes_multi.json``: one single-turn
+    record per question (``"<image> … <image> In image k, …"``), the format of ``write_llava(...,
+    format="single-turn")``. Keys: "images", "vqa_questions", "vqa_annotations", "llava".
+    """
+    choices = _check_images(images)
+    pool = max(max(choices), n) if pool is None else pool
+    samples = generate(pool, seed=seed, size=size, max_shapes=max_shapes, background=background)
+    drawn = draw_multi(samples, n, choices, seed=seed)
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    write_images(samples, images_dir)
+    questions, annotations, records = [], [], []
+    for q, d in enumerate(drawn, start=1):
+        questions.append({"image_id": d["image_ids"][d["image_index"] - 1], "image_ids": d["image_ids"],
+                          "image_index": d["image_index"], "question": d["question"], "question_id": q})
+        annotations.append({
+            "question_id": q, "image_id": questions[-1]["image_id"], "question_type": d["type"],
+            "answer_type": ANSWER_TYPES.get(d["type"], "other"), "multiple_choice_answer": d["answer"],
+            "answers": [{"answer": d["answer"], "answer_confidence": "yes", "answer_id": i} for i in range(1, 11)],
+        })
+        files = [f"shapes_{i:06d}.png" for i in d["image_ids"]]
+        records.append(_single_turn(" ".join(["<image>"] * len(files)), d["question"], d["answer"], f"multi_{q}", files))
+    header = {"info": {**_info(split), "description": "vlmkit shapes_multi synthetic benchmark"},
+              "license": {"name": "synthetic", "url": ""}, "data_type": "shapes_multi", "data_subtype": split}
+    return {
+        "images": images_dir,
+        "vqa_questions": _write_json(out_dir / f"v2_OpenEnded_mscoco_{split}_questions.json",
+                                     {**header, "task_type": "Open-Ended", "questions": questions}),
+        "vqa_annotations": _write_json(out_dir / f"v2_mscoco_{split}_annotations.json",
+                                       {**header, "annotations": annotations}),
+        "llava": _write_json(out_dir / "llava_shapes_multi.json", records),
     }
 
 
 def cli_main(argv: list[str]) -> int:
-    """``vlmkit shapes --out DIR --n N --seed S [--size 64] [--split val] [--max-shapes 4] [--background plain]``."""
-    import argparse
+    """``vlmkit shapes --out DIR --n N --seed S [--size 64] [--split val] [--max-shapes 4] [--background plain]
+    [--format single-turn|multi-turn] [--images N[,N...] [--pool P]]``."""
+    from vlmkit.cli import ArgumentParser, command, positive_int, user_input
 
-    parser = argparse.ArgumentParser(prog="vlmkit shapes", description="Write the synthetic shapes benchmark.")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n", type=int, default=100, help="number of images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--max-shapes", type=int, default=4)
-    parser.add_argument("--background", choices=["plain", "noise"], default="plain")
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"--n must be >= 1, got {args.n}")
-    paths = write_dataset(args.out, args.n, seed=args.seed, size=args.size, split=args.split,
-                          max_shapes=args.max_shapes, background=args.background)
-    for key, path in paths.items():
-        print(f"{key:16s} {path}")
-    return 0
+    @command("vlmkit shapes")
+    def main(argv: list[str]) -> int:
+        parser = ArgumentParser(prog="vlmkit shapes", description="Write the synthetic shapes benchmark: images, "
+                                "VQAv2-style questions and annotations, COCO refs and instances, LLaVA conversations.")
+        parser.add_argument("--out", required=True, help="output folder (created)")
+        parser.add_argument("--n", type=positive_int, default=100, help="number of images")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the images and questions")
+        parser.add_argument("--size", type=positive_int, default=64, help=f"image side in pixels, >= {MIN_SIZE}")
+        parser.add_argument("--split", default="val", help="split name written into the file names and records")
+        parser.add_argument("--max-shapes", type=positive_int, default=4, help="most objects per image")
+        parser.add_argument("--background", choices=list(BACKGROUNDS), default="plain",
+                            help="plain grey, or grey with per-pixel noise")
+        parser.add_argument("--format", choices=list(LLAVA_FORMATS), default="single-turn",
+                            help="LLaVA records: one isolated question per record (single-turn: the format the shipped "
+                            "model was trained on) or every question of an image as turns of one record (multi-turn)")
+        parser.add_argument("--images", default=None, metavar="N[,N...]",
+                            help="write shapes_multi instead: --n questions, each about one of N images in one prompt "
+                            "(a list: N drawn per question); single-turn records")
+        parser.add_argument("--pool", type=positive_int, default=None,
+                            help="with --images: shapes images the questions draw from (default: max(N, --n))")
+        args = parser.parse_args(argv)
+        with user_input():
+            if Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out!r} is a file; expected a folder")
+            if args.size < MIN_SIZE:
+                raise ValueError(f"--size {args.size}: expected an image side >= {MIN_SIZE} pixels")
+            if args.images is not None:
+                try:
+                    images = [int(v) for v in args.images.split(",")]
+                except ValueError:
+                    raise ValueError(f"--images {args.images!r}: expected N or a comma-separated list of N") from None
+                paths = write_multi(args.out, args.n, images, seed=args.seed, pool=args.pool, size=args.size,
+                                    split=args.split, max_shapes=args.max_shapes, background=args.background)
+            else:
+                paths = write_dataset(args.out, args.n, seed=args.seed, size=args.size, split=args.split,
+                                      max_shapes=args.max_shapes, background=args.background, llava_format=args.format)
+        for key, path in paths.items():
+            print(f"{key:16s} {path}")
+        return 0
+
+    return main(argv)
