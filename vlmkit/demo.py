@@ -25,6 +25,35 @@ MAIN_ROWS = [
     ("V2PE stride 16", [], "v2pe:16"),
     ("FoPru 0.25 + V2PE 16", ["fopru:0.25"], "v2pe:16"),
 ]
+#: LoRA adapters of the shipped model trained with a stage on (``scripts/train_adapters.py``; each folder's
+#: README is its card: command, seed, time, measured numbers)
+ADAPTERS = Path(__file__).parent / "assets" / "adapters"
+PVC_16 = "pvc:frames=4,tokens_per_frame=4,temporal_layers=2"  # 4 frames × 4 tokens = 16 tokens per image
+#: (label, adapter folder or None, compress specs, position spec) of the adaptation table: each stage
+#: zero-shot next to the stage + its adapter; "control" is the full model + the same LoRA recipe, which the
+#: recovered fractions divide by. An adapter row loads model + stages + adapter from the folder in one call.
+ADAPTED_ROWS = [
+    ("control: full + LoRA", "control", [], None),
+    ("FoPru rank 0.25 + LoRA", "fopru", [], None),
+    ("random 0.25 (zero-shot)", None, ["random:0.25"], None),
+    ("random 0.25 + LoRA", "random", [], None),
+    ("PVC 16 tok (zero-shot)", None, [PVC_16], None),
+    ("PVC 16 tok + LoRA", "pvc", [], None),
+    ("V2PE 16 + LoRA", "v2pe", [], None),
+]
+#: the stage rows (zero-shot, adapted) each recovered fraction compares, by the main and adaptation tables' labels
+RECOVERED = {"FoPru rank 0.25": ("FoPru rank keep 0.25", "FoPru rank 0.25 + LoRA"),
+             "random 0.25": ("random 0.25 (zero-shot)", "random 0.25 + LoRA"),
+             "PVC 16 tok": ("PVC 16 tok (zero-shot)", "PVC 16 tok + LoRA"),
+             "V2PE 16": ("V2PE stride 16", "V2PE 16 + LoRA")}
+MULTI_N = [1, 4, 8, 16]
+#: (label, adapter folder or None, position spec) of the shapes_multi curves: accuracy against images per prompt
+MULTI_CURVES = [
+    ("plain positions", None, None),
+    ("V2PE 16, zero-shot", None, "v2pe:16"),
+    ("plain + LoRA on N<=4 (control)", "multi_control", None),
+    ("V2PE 16 + LoRA on N<=4", "v2pe_multi", None),
+]
 SWEEP_KEEP = [1.0, 0.5, 0.25, 0.11]
 #: the built-in pruners in the sweep's order (the plot's line colours follow it); any other registered pruner
 #: comes after them, by type
@@ -121,6 +150,57 @@ def _row(label: str, res: dict) -> dict:
     }
 
 
+def shipped_adapters(names) -> dict[str, Path]:
+    """{name: folder} of the shipped adapters among ``names`` (a folder counts once its card's metrics exist)."""
+    return {n: ADAPTERS / n for n in names if n and (ADAPTERS / n / "metrics.json").is_file()}
+
+
+def _adapted(spec, data_root, limit, multi_limit, quiet, say) -> tuple[list[dict], dict]:
+    """The adaptation table (``ADAPTED_ROWS`` whose adapter is shipped; ``limit`` questions and expressions, the
+    main table's) and the shapes_multi curves ({label: accuracy per N}, ``multi_limit`` questions per N); only for
+    the shipped model (``spec`` its path), which the adapters were trained from."""
+    if not isinstance(spec, str) or Path(spec).resolve() != SHIPPED.resolve():
+        say("[adapted] skipped: the adapters belong to the shipped model, not this one")
+        return [], {}
+    shipped = shipped_adapters([r[1] for r in ADAPTED_ROWS] + [c[1] for c in MULTI_CURVES])
+    rows = []
+    for i, (label, adapter, compress, position) in enumerate(ADAPTED_ROWS, start=1):
+        if adapter is not None and adapter not in shipped:
+            say(f"[adapted {i}/{len(ADAPTED_ROWS)}] {label}: not shipped (scripts/train_adapters.py writes it)")
+            continue
+        res = _run(str(shipped[adapter]) if adapter else spec, "shapes_vqa,shapes_refseg", compress, position,
+                   data_root, limit, quiet)
+        rows.append(_row(label, res))
+        say(f"[adapted {i}/{len(ADAPTED_ROWS)}] {label}: VQA acc {_fmt(rows[-1]['vqa_accuracy'])}, cIoU "
+            f"{_fmt(rows[-1]['cIoU'])} ({res['demo_seconds']:.1f} s)")
+    curves = {}
+    tasks = ",".join(f"shapes_multi_{n}" for n in MULTI_N)
+    for i, (label, adapter, position) in enumerate(MULTI_CURVES, start=1):
+        if adapter is not None and adapter not in shipped:
+            say(f"[multi {i}/{len(MULTI_CURVES)}] {label}: not shipped")
+            continue
+        res = _run(str(shipped[adapter]) if adapter else spec, tasks, [], position, data_root, multi_limit, quiet)
+        curves[label] = [_score(res, f"shapes_multi_{n}", "vqa_accuracy") for n in MULTI_N]
+        say(f"[multi {i}/{len(MULTI_CURVES)}] {label}: VQA acc at N = {MULTI_N}: "
+            f"{' '.join(_fmt(v) for v in curves[label])} ({res['demo_seconds']:.1f} s)")
+    return rows, curves
+
+
+def recovered(rows: list[dict]) -> dict[str, dict[str, float | None]]:
+    """{stage: {metric: (adapted − zero-shot) / (control − zero-shot)}} over the demo's rows (``RECOVERED``)."""
+    by = {r["stages"]: r for r in rows}
+    control = by.get(ADAPTED_ROWS[0][0])
+    out = {}
+    for stage, (zero, adapted) in RECOVERED.items():
+        if control is None or zero not in by or adapted not in by:
+            continue
+        out[stage] = {}
+        for metric in ("vqa_accuracy", "cIoU"):
+            z, a, c = by[zero][metric], by[adapted][metric], control[metric]
+            out[stage][metric] = None if None in (z, a, c) or c == z else (a - z) / (c - z)
+    return out
+
+
 def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: int = 4) -> list[Path]:
     """A FoPru pruning map and Text4Seg mask overlays (predicted against ground truth) of the first referring
     expressions. Every picture carries a title and a legend, drawn and as PNG text (``viz.annotate``)."""
@@ -162,8 +242,11 @@ def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: in
 
 
 def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int = 64, sweep_limit: int = 48,
-        quiet: bool = True, log: Callable[[str], None] | None = print, loaded: tuple | None = None) -> dict:
-    """Evaluate the main rows and the keep-ratio sweep; write PNGs and ``demo_results.json`` to ``out``.
+        quiet: bool = True, log: Callable[[str], None] | None = print, loaded: tuple | None = None,
+        adapters: bool = True, multi_limit: int = 32) -> dict:
+    """Evaluate the main rows, the keep-ratio sweep and (``adapters``, shipped model only) the adaptation rows
+    (``limit`` each, as the main rows) and shapes_multi curves (``multi_limit`` per N); write PNGs and
+    ``demo_results.json`` to ``out``.
 
     ``log`` gets one progress line per evaluated row and sweep point (None: silent); ``quiet`` hides the
     harness's progress bars; ``loaded``: what ``load_default(model_path)`` returned, when the caller has it."""
@@ -201,15 +284,29 @@ def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int 
             done += 1
             say(f"[sweep {done}/{n_sweep}] {method} keep {keep:g}: VQA acc {_fmt(sweep[method][-1])} "
                 f"({res['demo_seconds']:.1f} s)")
-    say("[pictures] pruning map, mask overlays, accuracy plot")
+    adapted, curves = _adapted(spec, data_root, limit, multi_limit, quiet, say) if adapters else ([], {})
+    say("[pictures] pruning map, mask overlays, accuracy plots")
     pictures = _pictures(model, processor, spec, out, data_root)
-    plot = line_plot(SWEEP_KEEP, sweep, title=f"shapes VQA accuracy vs keep ratio ({sweep_limit} questions per point)",
+    # the adapted pruners at their keep ratio (0.25), evaluated on the table's questions, as single points
+    points = {f"{label} (table's {limit} q)": [r["vqa_accuracy"] if k == 0.25 else None for k in SWEEP_KEEP]
+              for label in ("FoPru rank 0.25 + LoRA", "random 0.25 + LoRA")
+              for r in adapted if r["stages"] == label}
+    plot = line_plot(SWEEP_KEEP, {**sweep, **points},
+                     title=f"shapes VQA accuracy vs keep ratio ({sweep_limit} questions per point)",
                      xlabel="keep ratio (share of each image's visual tokens the language model sees)",
                      ylabel="VQA accuracy")
     save_png(plot, out / "accuracy_vs_keep.png")
     pictures.append(out / "accuracy_vs_keep.png")
+    if curves:
+        plot = line_plot(MULTI_N, curves, title=f"shapes_multi: one question about image k of N "
+                         f"({multi_limit} questions per point, 64 visual tokens per image)",
+                         xlabel="N, images in the prompt", ylabel="VQA accuracy")
+        save_png(plot, out / "multi_image_accuracy.png")
+        pictures.append(out / "multi_image_accuracy.png")
     report = {"model": description, "rows": rows, "sweep": {"keep": SWEEP_KEEP, **sweep},
-              "limit": limit, "sweep_limit": sweep_limit, "pictures": [str(p) for p in pictures]}
+              "adapted_rows": adapted, "recovered": recovered(rows + adapted),
+              "multi": {"N": MULTI_N, **curves}, "limit": limit, "sweep_limit": sweep_limit,
+              "multi_limit": multi_limit, "pictures": [str(p) for p in pictures]}
     (out / "demo_results.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -239,6 +336,11 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=positive_int, default=64, help="held-out questions / expressions per task")
     parser.add_argument("--sweep-limit", type=positive_int, default=48,
                         help="questions per point of the keep-ratio sweep")
+    parser.add_argument("--multi-limit", type=positive_int, default=32,
+                        help="questions per number of images of the shapes_multi curves")
+    parser.add_argument("--no-adapters", action="store_true",
+                        help="skip the adaptation table and the shapes_multi curves (default: run them when the "
+                        "shipped adapters are present)")
     parser.add_argument("--progress", action="store_true", help="show the harness's progress bars too")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -256,14 +358,25 @@ def cli_main(argv: list[str]) -> int:
     print(f"vlmkit demo: {len(MAIN_ROWS)} table rows ({args.limit} questions and expressions each) and a "
           f"keep-ratio sweep ({args.sweep_limit} questions per point); about a minute on 2 CPU cores", flush=True)
     report = run(args.out, args.model, args.limit, args.sweep_limit, quiet=not args.progress,
-                 log=lambda line: print(line, flush=True), loaded=loaded)
+                 log=lambda line: print(line, flush=True), loaded=loaded, adapters=not args.no_adapters,
+                 multi_limit=args.multi_limit)
     print()
-    print(f"{'stages':24s} {'VQA acc':>8s} {'cIoU':>7s} {'gIoU':>7s} {'vis tok/img':>12s} {'ms/sample':>10s}")
-    for r in report["rows"]:
-        print(f"{r['stages']:24s} {_fmt(r['vqa_accuracy']):>8s} {_fmt(r['cIoU']):>7s} {_fmt(r['gIoU']):>7s} "
+    print(f"{'stages':26s} {'VQA acc':>8s} {'cIoU':>7s} {'gIoU':>7s} {'vis tok/img':>12s} {'ms/sample':>10s}")
+    for r in report["rows"] + report["adapted_rows"]:
+        print(f"{r['stages']:26s} {_fmt(r['vqa_accuracy']):>8s} {_fmt(r['cIoU']):>7s} {_fmt(r['gIoU']):>7s} "
               f"{r['visual_tokens_per_image']:12.1f} {r['ms_per_sample']:10.1f}")
     for name, meaning in COLUMNS:
         print(f"  {name:12s} {meaning.format(limit=report['limit'])}")
+    if report["recovered"]:
+        print("recovered by the adapter = (stage + LoRA − zero-shot) / (control − zero-shot), control = full + the "
+              "same LoRA recipe:")
+        for stage, r in report["recovered"].items():
+            print(f"  {stage:24s} VQA {_fmt(r['vqa_accuracy'], '{:.0%}')}, cIoU {_fmt(r['cIoU'], '{:.0%}')}")
+    if len(report["multi"]) > 1:
+        print(f"shapes_multi, VQA accuracy against images per prompt ({report['multi_limit']} questions per N) "
+              + " ".join(f"{'N=' + str(n):>6}" for n in report["multi"]["N"]))
+        for label in [m for m in report["multi"] if m != "N"]:
+            print(f"  {label:32s} " + " ".join(f"{_fmt(v):>6s}" for v in report["multi"][label]))
     print(f"VQA accuracy vs keep ratio ({report['sweep_limit']} questions per point) "
           + " ".join(f"{k:>6}" for k in report["sweep"]["keep"]))
     for method in [m for m in report["sweep"] if m != "keep"]:

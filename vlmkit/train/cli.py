@@ -56,7 +56,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
     """What can be checked before a model loads: the recipe, the stage specs, every record of ``--data`` and every
     image and mask it names (opened and verified: ``vlmkit.data.images.check_images``). Also quiets the
     warnings bitsandbytes (and the ``kernels`` package it probes) log when peft imports it, about CPU 4-bit
-    kernels, when nothing is quantized (or with ``--quiet``)."""
+    kernels, when nothing is quantized (or with ``--quiet``), and DeepSpeed's CPU-fallback notice (``--quiet``)."""
     import logging
     import os
 
@@ -69,6 +69,13 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if args.quiet or recipe.quantization is None:  # peft imports bitsandbytes, which probes the `kernels` hub
         for name in ("bitsandbytes", "kernels"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    if args.quiet:
+        import torch
+
+        # accelerate imports DeepSpeed when installed, which warns on stdout that it fell back to the CPU unless
+        # told so; naming the accelerator it would pick anyway keeps a quiet run quiet
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for spec in args.wrap:
         parse_stage_spec(spec)
     if not args.model.startswith("tiny:") and not os.path.isdir(args.model):
