@@ -27,15 +27,24 @@ def test_shapes_writes_every_format(tmp_path, capsys):
 
 
 def test_demo_writes_table_and_pictures(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--limit", "4", "--sweep-limit", "4"]) == 0
+    from vlmkit import demo
+
+    assert main(["demo", "--out", str(tmp_path), "--limit", "4", "--sweep-limit", "4", "--multi-limit", "2"]) == 0
     out = capsys.readouterr().out
-    for label in ("full (no stages)", "FoPru rank keep 0.25", "V2PE stride 16", "FoPru row", "DivPrune"):
+    for label in ("full (no stages)", "FoPru rank keep 0.25", "V2PE stride 16", "FoPru row", "DivPrune",
+                  "PVC 16 tok + LoRA", "V2PE 16 + LoRA on N<=4"):
         assert label in out
-    for name in ("pruning_map.png", "mask_overlay_0.png", "accuracy_vs_keep.png", "demo_results.json"):
+    for name in ("pruning_map.png", "mask_overlay_0.png", "accuracy_vs_keep.png", "multi_image_accuracy.png",
+                 "demo_results.json"):
         assert (tmp_path / name).is_file(), name
-    rows = json.loads((tmp_path / "demo_results.json").read_text())["rows"]
-    full, pruned = rows[0], rows[1]
+    report = json.loads((tmp_path / "demo_results.json").read_text())
+    full, pruned = report["rows"][0], report["rows"][1]
     assert pruned["visual_tokens_per_image"] == full["visual_tokens_per_image"] / 4
+    # every adaptation row ran from its shipped adapter; PVC's rows see 16 tokens per image
+    assert [r["stages"] for r in report["adapted_rows"]] == [r[0] for r in demo.ADAPTED_ROWS]
+    assert all(r["visual_tokens_per_image"] == 16 for r in report["adapted_rows"] if r["stages"].startswith("PVC"))
+    assert set(report["recovered"]) == set(demo.RECOVERED)
+    assert [len(report["multi"][c[0]]) for c in demo.MULTI_CURVES] == [len(demo.MULTI_N)] * len(demo.MULTI_CURVES)
 
 
 def test_demo_reports_the_shipped_model_card_numbers(tmp_path):
@@ -43,7 +52,7 @@ def test_demo_reports_the_shipped_model_card_numbers(tmp_path):
     from vlmkit import demo
 
     card = json.loads((demo.SHIPPED / "metrics.json").read_text())
-    report = demo.run(tmp_path, quiet=True)
+    report = demo.run(tmp_path, quiet=True, adapters=False)  # the adapters' cards: tests/test_adaptation.py
     assert report["model"] == str(demo.SHIPPED)
     assert [r["stages"] for r in report["rows"]] == [r["stages"] for r in card["demo_rows"]]
     for got, want in zip(report["rows"], card["demo_rows"]):

@@ -167,6 +167,24 @@ def test_line_plot_has_title_legend_and_a_readable_font():
     assert rows.max() - rows.min() >= 11
 
 
+def test_line_plot_fits_long_titles_and_colours_points_like_their_method():
+    import pytest
+
+    from vlmkit.viz.plot import SERIES_COLORS, line_plot
+
+    title = "a title much longer than the plot area is wide " * 3
+    pic = line_plot([1.0, 0.5], {"FoPru rank": [0.9, 0.7], "FoPru + LoRA": [None, 0.8]}, title=title,
+                    colors={"FoPru + LoRA": "FoPru rank"})
+    arr = np.asarray(pic.convert("RGB"))
+    ink = np.nonzero((arr[:40].min(axis=2) < 128).any(axis=0))[0]
+    assert ink.min() >= 8 and ink.max() < pic.width - 4, "the whole title is on the picture"
+    # the one-point series is drawn in FoPru rank's colour, not the palette's next one
+    assert (arr.reshape(-1, 3) == SERIES_COLORS[0]).all(axis=1).sum() > 60
+    assert not (arr.reshape(-1, 3) == SERIES_COLORS[1]).all(axis=1).any(), "no second colour was used"
+    with pytest.raises(ValueError, match="colors\\['a'\\] = 'nope'"):
+        line_plot([1.0], {"a": [0.5]}, colors={"a": "nope"})
+
+
 def test_prune_viz_defaults_to_the_shipped_model(tmp_path, capsys):
     from PIL import Image
 
@@ -193,10 +211,15 @@ def test_demo_prints_progress_and_explains_its_columns(tmp_path, capsys, monkeyp
     monkeypatch.setattr(demo, "MAIN_ROWS", demo.MAIN_ROWS[:2])
     monkeypatch.setattr(demo, "SWEEP_KEEP", [1.0, 0.25])
     monkeypatch.setattr(demo, "sweep_methods", lambda: {"FoPru rank": "fopru:keep_ratio={k},strategy=rank"})
-    assert main(["demo", "--out", str(tmp_path), "--limit", "2", "--sweep-limit", "2"]) == 0
+    monkeypatch.setattr(demo, "ADAPTED_ROWS", [demo.ADAPTED_ROWS[0], demo.ADAPTED_ROWS[2]])
+    monkeypatch.setattr(demo, "MULTI_CURVES", demo.MULTI_CURVES[:1])
+    monkeypatch.setattr(demo, "MULTI_N", [1, 4])
+    assert main(["demo", "--out", str(tmp_path), "--limit", "2", "--sweep-limit", "2", "--multi-limit", "2"]) == 0
     out = capsys.readouterr().out
     tags = [line.split("]")[0] + "]" for line in out.splitlines() if line.startswith("[")]
-    assert tags == ["[table 1/2]", "[table 2/2]", "[sweep 1/2]", "[sweep 2/2]", "[pictures]"]
+    assert tags == ["[table 1/2]", "[table 2/2]", "[sweep 1/2]", "[sweep 2/2]", "[adapted 1/2]", "[adapted 2/2]",
+                    "[multi 1/1]", "[pictures]"]
+    assert "not shipped" not in out, "the control adapter ships with the package"
     for column in ("VQA acc", "cIoU", "gIoU", "vis tok/img", "ms/sample"):
         assert any(line.strip().startswith(column) and len(line.split()) > 3 for line in out.splitlines()), column
     assert "2 referring expressions" in out and "not a speed measure" in out and "2 held-out" in out
@@ -205,6 +228,10 @@ def test_demo_prints_progress_and_explains_its_columns(tmp_path, capsys, monkeyp
     assert overlay["Title"].startswith('"') and "IoU" in overlay["Title"] and "ground truth" in overlay["Legend"]
     plot = _text(tmp_path / "accuracy_vs_keep.png")
     assert "keep ratio" in plot["Title"] and plot["Legend"] == "FoPru rank"
+    multi = _text(tmp_path / "multi_image_accuracy.png")
+    assert multi["Title"].startswith("shapes_multi: one question about image k of N (2 questions per point")
+    assert multi["Legend"] == "plain positions"
+    assert "shapes_multi, VQA accuracy against images per prompt (2 questions per N)" in out
 
 
 # ---------------------------------------------------------------------------------------------

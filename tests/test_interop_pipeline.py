@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import vlmkit
 from vlmkit.testing import image_prompt, random_images, tiny_vlm

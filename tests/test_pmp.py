@@ -9,7 +9,7 @@ import torch
 from conftest import make_batch
 
 import vlmkit
-from vlmkit.seg import criterion, pmp
+from vlmkit.seg import criterion
 from vlmkit.seg.pmp import PMPConfig, PMPDecoder, hungarian_match, set_criterion
 from vlmkit.testing import tiny_vlm
 

@@ -47,6 +47,9 @@ RECOVERED = {"FoPru rank 0.25": ("FoPru rank keep 0.25", "FoPru rank 0.25 + LoRA
              "PVC 16 tok": ("PVC 16 tok (zero-shot)", "PVC 16 tok + LoRA"),
              "V2PE 16": ("V2PE stride 16", "V2PE 16 + LoRA")}
 MULTI_N = [1, 4, 8, 16]
+#: questions per N of the demo's shapes_multi curves (the N = 16 prompts dominate the demo's time; the
+#: v2pe_multi card measures 300 per N)
+MULTI_LIMIT = 16
 #: (label, adapter folder or None, position spec) of the shapes_multi curves: accuracy against images per prompt
 MULTI_CURVES = [
     ("plain positions", None, None),
@@ -243,7 +246,7 @@ def _pictures(model, processor, spec, out: Path, data_root: Path, n_overlays: in
 
 def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int = 64, sweep_limit: int = 48,
         quiet: bool = True, log: Callable[[str], None] | None = print, loaded: tuple | None = None,
-        adapters: bool = True, multi_limit: int = 32) -> dict:
+        adapters: bool = True, multi_limit: int = MULTI_LIMIT) -> dict:
     """Evaluate the main rows, the keep-ratio sweep and (``adapters``, shipped model only) the adaptation rows
     (``limit`` each, as the main rows) and shapes_multi curves (``multi_limit`` per N); write PNGs and
     ``demo_results.json`` to ``out``.
@@ -288,13 +291,19 @@ def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int 
     say("[pictures] pruning map, mask overlays, accuracy plots")
     pictures = _pictures(model, processor, spec, out, data_root)
     # the adapted pruners at their keep ratio (0.25), evaluated on the table's questions, as single points
-    points = {f"{label} (table's {limit} q)": [r["vqa_accuracy"] if k == 0.25 else None for k in SWEEP_KEEP]
-              for label in ("FoPru rank 0.25 + LoRA", "random 0.25 + LoRA")
-              for r in adapted if r["stages"] == label}
+    points, colors = {}, {}
+    for label, method in (("FoPru rank 0.25 + LoRA", "FoPru rank"), ("random 0.25 + LoRA", "random")):
+        for r in adapted:
+            if r["stages"] == label:
+                name = f"{label} (table's {limit} q)"
+                points[name] = [r["vqa_accuracy"] if k == 0.25 else None for k in SWEEP_KEEP]
+                if method in sweep:
+                    colors[name] = method  # the adapted point in its method's colour
     plot = line_plot(SWEEP_KEEP, {**sweep, **points},
-                     title=f"shapes VQA accuracy vs keep ratio ({sweep_limit} questions per point)",
+                     title=f"shapes VQA accuracy vs keep ratio ({sweep_limit} questions per point; "
+                     "diamonds: the pruner + its LoRA adapter)",
                      xlabel="keep ratio (share of each image's visual tokens the language model sees)",
-                     ylabel="VQA accuracy")
+                     ylabel="VQA accuracy", colors=colors)
     save_png(plot, out / "accuracy_vs_keep.png")
     pictures.append(out / "accuracy_vs_keep.png")
     if curves:
@@ -336,7 +345,7 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=positive_int, default=64, help="held-out questions / expressions per task")
     parser.add_argument("--sweep-limit", type=positive_int, default=48,
                         help="questions per point of the keep-ratio sweep")
-    parser.add_argument("--multi-limit", type=positive_int, default=32,
+    parser.add_argument("--multi-limit", type=positive_int, default=MULTI_LIMIT,
                         help="questions per number of images of the shapes_multi curves")
     parser.add_argument("--no-adapters", action="store_true",
                         help="skip the adaptation table and the shapes_multi curves (default: run them when the "
@@ -355,8 +364,10 @@ def cli_main(argv: list[str]) -> int:
 
             hf_logging.disable_progress_bar()
         loaded = load_default(args.model)
-    print(f"vlmkit demo: {len(MAIN_ROWS)} table rows ({args.limit} questions and expressions each) and a "
-          f"keep-ratio sweep ({args.sweep_limit} questions per point); about a minute on 2 CPU cores", flush=True)
+    extra = "" if args.no_adapters else (f", {len(ADAPTED_ROWS)} adaptation rows and {len(MULTI_CURVES)} "
+                                         f"shapes_multi curves ({args.multi_limit} questions per N)")
+    print(f"vlmkit demo: {len(MAIN_ROWS)} table rows ({args.limit} questions and expressions each), a keep-ratio "
+          f"sweep ({args.sweep_limit} questions per point){extra}; about two minutes on 2 CPU cores", flush=True)
     report = run(args.out, args.model, args.limit, args.sweep_limit, quiet=not args.progress,
                  log=lambda line: print(line, flush=True), loaded=loaded, adapters=not args.no_adapters,
                  multi_limit=args.multi_limit)
@@ -372,6 +383,8 @@ def cli_main(argv: list[str]) -> int:
               "same LoRA recipe:")
         for stage, r in report["recovered"].items():
             print(f"  {stage:24s} VQA {_fmt(r['vqa_accuracy'], '{:.0%}')}, cIoU {_fmt(r['cIoU'], '{:.0%}')}")
+        print(f"  ({report['limit']} questions here; each adapter's card measures 300 questions and 150 expressions: "
+              f"{ADAPTERS}/<adapter>/README.md)")
     if len(report["multi"]) > 1:
         print(f"shapes_multi, VQA accuracy against images per prompt ({report['multi_limit']} questions per N) "
               + " ".join(f"{'N=' + str(n):>6}" for n in report["multi"]["N"]))

@@ -37,7 +37,6 @@ equal ``get_rope_index``'s exactly. Position stages (V2PE, MouSi) lay out their 
 
 from __future__ import annotations
 
-import math
 
 from .qwen2_5_vl import Qwen2_5_VLFamily
 
@@ -54,13 +53,4 @@ class Glm4vFamily(Qwen2_5_VLFamily):
                            "images as one packed variable-length sequence, not per tile",
     }
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Upper bound only (no fixed tile): the largest square grid within ``tokens_per_tile``."""
-        side = math.isqrt(MAX_IMAGE_TOKENS)
-        return side, side
-
-    @property
-    def tokens_per_tile(self) -> int:
-        """Upper bound only: the tokens of the largest image the processor's default ``longest_edge`` allows."""
-        return MAX_IMAGE_TOKENS
+    max_image_tokens = MAX_IMAGE_TOKENS  # the largest image the processor's default ``longest_edge`` allows

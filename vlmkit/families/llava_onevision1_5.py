@@ -43,7 +43,6 @@ How vlmkit handles it (design choices of this module):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -72,16 +71,7 @@ class LlavaOnevision15Family(Qwen2_5_VLFamily):
         "token_projector": "merges 2×2 patches inside its merger, whose input is therefore patches, not visual tokens",
     }
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Upper bound only (no fixed tile): the largest square grid within ``tokens_per_tile``."""
-        side = math.isqrt(MAX_IMAGE_TOKENS)
-        return side, side
-
-    @property
-    def tokens_per_tile(self) -> int:
-        """Upper bound only: the tokens of the largest image the processor's default ``max_pixels`` allows."""
-        return MAX_IMAGE_TOKENS
+    max_image_tokens = MAX_IMAGE_TOKENS  # the largest image the processor's default ``max_pixels`` allows
 
     def on_vision_input(self, hook):
         """``hook(patches)``: the flattened patches [Σ H·W, C·p·p] the tower runs on."""

@@ -127,11 +127,23 @@ class Qwen2_5_VLFamily(Family):
         p = int(self.config.vision_config.patch_size)
         return p, p
 
+    #: a subclass whose processor bounds an image by its token count: the tokens of the largest image its default
+    #: allows (``grid`` and ``tokens_per_tile`` follow it); None: Qwen2.5-VL's pixel bound
+    max_image_tokens: int | None = None
+
     @property
     def grid(self) -> tuple[int, int]:
         """Upper bound only (no fixed tile): the largest square grid the processor's default allows."""
-        side = int((DEFAULT_MAX_PIXELS ** 0.5) // (self.patch_size[0] * self.merge))
+        if self.max_image_tokens is not None:
+            side = math.isqrt(self.max_image_tokens)
+        else:
+            side = int((DEFAULT_MAX_PIXELS ** 0.5) // (self.patch_size[0] * self.merge))
         return side, side
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Upper bound only (for ``num_keep`` checks and V2PE's default δ): ``max_image_tokens``, else the grid's."""
+        return self.max_image_tokens if self.max_image_tokens is not None else super().tokens_per_tile
 
     @property
     def feature_layer(self) -> int:

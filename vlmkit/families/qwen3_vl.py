@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any, Iterator
 
 import torch
@@ -102,11 +101,7 @@ class Qwen3VLFamily(Qwen2_5_VLFamily):
                            "patches, not visual tokens",
     }
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Upper bound only (no fixed tile): the largest square grid within ``MAX_IMAGE_TOKENS``."""
-        side = math.isqrt(MAX_IMAGE_TOKENS)
-        return side, side
+    max_image_tokens = MAX_IMAGE_TOKENS
 
     @property
     def deepstack_layers(self) -> int:

@@ -319,7 +319,6 @@ def refseg_to_llava(
     records = []
     for rep in range(repeats):
         for image_id, img_refs in by_image.items():
-            img = images[image_id]
             for ref, sentences in img_refs:
                 for k in range(len(sentences) if per_sentence else 1):
                     turns = []

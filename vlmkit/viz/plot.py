@@ -13,22 +13,25 @@ SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), 
 
 
 def line_plot(x: list[float], series: dict[str, list[float | None]], title: str = "", xlabel: str = "",
-              ylabel: str = "", size: tuple[int, int] = (780, 420), y_range: tuple[float, float] = (0.0, 1.0)
-              ) -> "Image.Image":
+              ylabel: str = "", size: tuple[int, int] = (780, 420), y_range: tuple[float, float] = (0.0, 1.0),
+              colors: dict[str, str] | None = None) -> "Image.Image":
     """One line per series over ``x`` (missing values skipped), with axes, ticks and a legend."""
     for name, ys in series.items():
         if len(ys) != len(x):
             raise ValueError(f"series {name!r} has {len(ys)} values for {len(x)} x positions")
     points = {name: [(xv, yv) for xv, yv in zip(x, ys) if yv is not None] for name, ys in series.items()}
-    return scatter_lines(points, title, xlabel, ylabel, size, y_range, x_ticks=list(x))
+    return scatter_lines(points, title, xlabel, ylabel, size, y_range, x_ticks=list(x), colors=colors)
 
 
 def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "", xlabel: str = "", ylabel: str = "",
                   size: tuple[int, int] = (780, 420), y_range: tuple[float, float] = (0.0, 1.0),
-                  x_ticks: list[float] | None = None) -> "Image.Image":
+                  x_ticks: list[float] | None = None, colors: dict[str, str] | None = None) -> "Image.Image":
     """One line per series through its own (x, y) points (sorted by x), with axes, ticks and a legend (right).
 
-    Text uses a readable scalable font (``vlmkit.viz.annotate.font``); the right margin grows to fit the legend.
+    A series of one point is a single measurement, not a curve: it is drawn as a large outlined diamond (in the
+    legend too). ``colors`` {series: other series} draws a series in another's colour (e.g. an adapted point
+    in its method's colour); the rest take ``SERIES_COLORS`` in order.
+    Text uses a readable scalable font (``vlmkit.viz.annotate.font``); the image widens to fit legend and title.
     ``info["Title"]`` / ``info["Legend"]`` hold the title and the series names (``annotate.save_png`` writes them).
     """
     from PIL import Image, ImageDraw
@@ -42,6 +45,7 @@ def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "",
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     legend_w = max([probe.textlength(name, font=small) for name in series] or [0.0])
     W, H = size[0] + max(0, int(legend_w) - 100), size[1]
+    W = max(W, int(probe.textlength(title, font=large)) + 16)
     left, right, top, bottom = 60, int(legend_w) + 50, 44, 54  # the legend sits in the right margin
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
@@ -66,17 +70,34 @@ def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "",
         draw.line([xp, H - bottom, xp, H - bottom + 4], fill="black")
         centred(xp, H - bottom + 8, f"{xv:.3g}", small)
     centred((left + W - right) / 2, H - 24, xlabel, small)
-    draw.text((8, 8), ylabel, fill="black", font=small)
-    centred((left + W - right) / 2, 16, title, large)
+    draw.text((8, 26), ylabel, fill="black", font=small)  # under the title, above the axes
+    title_w = probe.textlength(title, font=large)
+    draw.text((min(max(8, (left + W - right - title_w) / 2), W - 8 - title_w), 6), title, fill="black", font=large)
+    own = [name for name in series if name not in (colors or {})]
+    palette = {name: SERIES_COLORS[k % len(SERIES_COLORS)] for k, name in enumerate(own)}
+    for name, other in (colors or {}).items():
+        if other not in palette:
+            raise ValueError(f"colors[{name!r}] = {other!r}: not a series with its own colour ({own})")
+        palette[name] = palette[other]
+
+    def diamond(x: float, y: float, color) -> None:
+        draw.polygon([(x, y - 7), (x + 7, y), (x, y + 7), (x - 7, y)], fill=color, outline="black")
+
     for k, (name, pts) in enumerate(series.items()):
-        color = SERIES_COLORS[k % len(SERIES_COLORS)]
+        color = palette[name]
         points = [px(xv, yv) for xv, yv in sorted(pts)]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         for p in points:
-            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
+            if len(points) == 1:
+                diamond(*p, color)
+            else:
+                draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
         ly = top + 8 + 20 * k
-        draw.line([W - right + 10, ly + 8, W - right + 30, ly + 8], fill=color, width=3)
+        if len(points) == 1:
+            diamond(W - right + 20, ly + 8, color)
+        else:
+            draw.line([W - right + 10, ly + 8, W - right + 30, ly + 8], fill=color, width=3)
         draw.text((W - right + 36, ly), name, fill=color, font=small)
     img.info["Title"] = title
     img.info["Legend"] = "; ".join(series)
