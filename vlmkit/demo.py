@@ -291,14 +291,14 @@ def run(out: str | Path = "demo_out", model_path: str | None = None, limit: int 
     say("[pictures] pruning map, mask overlays, accuracy plots")
     pictures = _pictures(model, processor, spec, out, data_root)
     # the adapted pruners at their keep ratio (0.25), evaluated on the table's questions, as single points
+    by_label = {r["stages"]: r for r in adapted}
     points, colors = {}, {}
     for label, method in (("FoPru rank 0.25 + LoRA", "FoPru rank"), ("random 0.25 + LoRA", "random")):
-        for r in adapted:
-            if r["stages"] == label:
-                name = f"{label} (table's {limit} q)"
-                points[name] = [r["vqa_accuracy"] if k == 0.25 else None for k in SWEEP_KEEP]
-                if method in sweep:
-                    colors[name] = method  # the adapted point in its method's colour
+        if label in by_label:
+            name = f"{label} (table's {limit} q)"
+            points[name] = [by_label[label]["vqa_accuracy"] if k == 0.25 else None for k in SWEEP_KEEP]
+            if method in sweep:
+                colors[name] = method  # the adapted point in its method's colour
     plot = line_plot(SWEEP_KEEP, {**sweep, **points},
                      title=f"shapes VQA accuracy vs keep ratio ({sweep_limit} questions per point; "
                      "diamonds: the pruner + its LoRA adapter)",
@@ -383,8 +383,9 @@ def cli_main(argv: list[str]) -> int:
               "same LoRA recipe:")
         for stage, r in report["recovered"].items():
             print(f"  {stage:24s} VQA {_fmt(r['vqa_accuracy'], '{:.0%}')}, cIoU {_fmt(r['cIoU'], '{:.0%}')}")
-        print(f"  ({report['limit']} questions here; each adapter's card measures 300 questions and 150 expressions: "
-              f"{ADAPTERS}/<adapter>/README.md)")
+        card = json.loads((ADAPTERS / "control" / "metrics.json").read_text())["limits"]
+        print(f"  ({report['limit']} questions here; each adapter's card measures {card['shapes_vqa']} questions and "
+              f"{card['shapes_refseg']} expressions: {ADAPTERS}/<adapter>/README.md)")
     if len(report["multi"]) > 1:
         print(f"shapes_multi, VQA accuracy against images per prompt ({report['multi_limit']} questions per N) "
               + " ".join(f"{'N=' + str(n):>6}" for n in report["multi"]["N"]))

@@ -37,7 +37,6 @@ equal ``get_rope_index``'s exactly. Position stages (V2PE, MouSi) lay out their 
 
 from __future__ import annotations
 
-
 from .qwen2_5_vl import Qwen2_5_VLFamily
 
 #: Tokens of the largest image ``Glm4vImageProcessor``'s default ``longest_edge`` allows: 28·28·15000 / 2 / 28².

@@ -57,7 +57,9 @@ def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "",
         return left + fx * (W - left - right), H - bottom - fy * (H - top - bottom)
 
     def centred(x: float, y: float, text: str, fnt) -> None:
-        draw.text((x - probe.textlength(text, font=fnt) / 2, y), text, fill="black", font=fnt)
+        """``text`` centred on ``x``, moved inwards where it would leave the picture (8 px margins)."""
+        w = probe.textlength(text, font=fnt)
+        draw.text((min(max(8, x - w / 2), W - 8 - w), y), text, fill="black", font=fnt)
 
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     for i in range(6):
@@ -71,8 +73,7 @@ def scatter_lines(series: dict[str, list[tuple[float, float]]], title: str = "",
         centred(xp, H - bottom + 8, f"{xv:.3g}", small)
     centred((left + W - right) / 2, H - 24, xlabel, small)
     draw.text((8, 26), ylabel, fill="black", font=small)  # under the title, above the axes
-    title_w = probe.textlength(title, font=large)
-    draw.text((min(max(8, (left + W - right - title_w) / 2), W - 8 - title_w), 6), title, fill="black", font=large)
+    centred((left + W - right) / 2, 6, title, large)
     own = [name for name in series if name not in (colors or {})]
     palette = {name: SERIES_COLORS[k % len(SERIES_COLORS)] for k, name in enumerate(own)}
     for name, other in (colors or {}).items():
