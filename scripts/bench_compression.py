@@ -90,8 +90,13 @@ def build_model(config, device: str, dtype):
     from transformers.initialization import no_init_weights
 
     torch.manual_seed(0)
-    with torch.device(device), no_init_weights():
-        model = LlavaForConditionalGeneration(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the target dtype: a 7B model in float32 first would need 26 GB
+    try:
+        with torch.device(device), no_init_weights():
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for module in model.modules():
             is_norm = isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")

@@ -11,11 +11,12 @@ A. Shapes model (``vlmkit/assets/shapes-llava-tiny``), the evaluation harness wi
    forward: vision tower, projector, decoder; attention score products of CPU SDPA are not counted by torch's
    counter), and KV-cache bytes after the prompt (summed over the cache's tensors).
 B. Real width (``configs/llava-1.5-7b-hf.json``, random weights, ``--layers`` decoder layers): prefill time of
-   the wrapped model vs no pruning, measured side by side (settings interleaved per repeat, medians), the ideal
-   speed-up from counted FLOPs, their ratio, and the KV-cache bytes measured vs counted from the layer lengths
-   (2 · kv_heads · head_dim · bytes per cached token). For decoder-side methods, the wall time of their scoring and
-   selection (every call of the stage's ``scores`` / ``select``, timed inside the same timed prefills;
-   ``scoring_timer``) as a share of the prefill.
+   the wrapped model vs no pruning, measured side by side (each setting between two full prefills, medians of the
+   paired ratios), the ideal speed-up from counted FLOPs, their ratio, and the KV-cache bytes measured vs counted
+   from the layer lengths (2 · kv_heads · head_dim · bytes per cached token). For decoder-side methods, the wall
+   time of their scoring and selection (every call of the stage's ``scores`` / ``select``, timed inside the same
+   timed prefills; ``scoring_timer``) as a share of the prefill. ``--dtype bfloat16`` builds the model directly in
+   bf16 (13.5 GB at 32 layers), so the CPU can run the full depth.
 
 ``--accuracy-from`` takes section A's rows of the methods an earlier run measured from its
 ``methods_results.json`` and measures only the others (A's numbers do not depend on the other rows); section B is
@@ -52,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--methods", nargs="*", default=None, help="method labels to run (default: every pruner)")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="B's weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(REPO / "docs"), help="folder for methods.md and methods_tradeoff.png")
     p.add_argument("--speed-from", action="append", default=[],
@@ -232,7 +235,7 @@ def section_b(methods: dict, args) -> dict:
 
     bc = _bench_compression()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32 if device == "cpu" else torch.bfloat16
     if args.threads:
         torch.set_num_threads(args.threads)
     config, full_layers = bc.load_config(args.config or bc.DEFAULT_CONFIG, args.layers)
@@ -246,20 +249,34 @@ def section_b(methods: dict, args) -> dict:
         wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
         cost[name] = measure_prefill(wrapped, inputs)
         unwrap(wrapped)
-    for _ in range(args.repeats):  # interleaved: every setting once per repeat
-        for name, compress in settings.items():
-            wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
-            with torch.no_grad(), scoring_timer(wrapped, device) as spent:
-                t = bc.timed(lambda: wrapped(**inputs, use_cache=True, logits_to_keep=1), device)
-            times[name].append(t)
-            if spent:  # a decoder-side method scored: its share of this very prefill
-                scoring[name].append(sum(spent) / t)
-            unwrap(wrapped)
+
+    def prefill(name: str) -> float:
+        wrapped = wrap(model, *[parse_stage_spec(c) for c in settings[name]])
+        with torch.no_grad(), scoring_timer(wrapped, device) as spent:
+            t = bc.timed(lambda: wrapped(**inputs, use_cache=True, logits_to_keep=1), device)
+        times[name].append(t)
+        if spent:  # a decoder-side method scored: its share of this very prefill
+            scoring[name].append(sum(spent) / t)
+        unwrap(wrapped)
+        return t
+
+    # Paired: full, s1, full, s2, full, … each repeat; a setting's speed-up is the mean of the full prefills
+    # timed just before and after it over its own time, so drifts of the machine's speed (on a shared 2-core VM a
+    # fixed GEMM's time moved between 0.18 and 0.52 s within a minute) cancel instead of landing on one setting.
+    paired: dict[str, list[float]] = {name: [] for name in settings if name != "full"}
+    for _ in range(args.repeats):
+        before = prefill("full")
+        for name in paired:
+            t = prefill(name)
+            after = prefill("full")
+            paired[name].append((before + after) / 2 / t)
+            before = after
     base_t, base_f = statistics.median(times["full"]), cost["full"]["flops"]
     rows = {}
     for name in settings:
         t = statistics.median(times[name])
-        rows[name] = {**cost[name], "seconds": t, "times": times[name], "speedup": base_t / t,
+        speedup = statistics.median(paired[name]) if name in paired else 1.0
+        rows[name] = {**cost[name], "seconds": t, "times": times[name], "speedup": speedup,
                       "ideal": base_f / cost[name]["flops"],
                       "layer_lengths": cost[name]["layer_lengths"]}
         rows[name]["efficiency"] = rows[name]["speedup"] / rows[name]["ideal"]
@@ -267,7 +284,7 @@ def section_b(methods: dict, args) -> dict:
             rows[name]["scoring_fraction"] = statistics.median(scoring[name])
     return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
                       f"batch {args.batch}, prefill of the full prompt {base_t * 1e3:.1f} ms",
-            "layers": args.layers, "full_layers": full_layers, "rows": rows}
+            "layers": args.layers, "full_layers": full_layers, "rows": rows, "timing": "paired"}
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -275,11 +292,15 @@ def _speed_table(b: dict, repeats) -> list[str]:
     lines = [f"## B. Real width: LLaVA-1.5-7B architecture, random weights, {b['layers']} of {b['full_layers']} "
              f"decoder layers ({b['device']})", "",
              "Whole wrapped prefill (vision tower, projector, decoder, `use_cache=True`, one token of logits), "
-             f"median of {repeats} interleaved repeats. Ideal = counted FLOPs of full / method; efficiency = "
+             + (f"{repeats} repeats, each timing full, setting 1, full, setting 2, full, …: a setting's speed-up is "
+                "the median over repeats of (mean of the full prefills just before and after it) / its own time. "
+                if b.get("timing") == "paired" else  # runs before the paired timing
+                f"median of {repeats} interleaved repeats (full / setting of the medians). ") +
+             "Ideal = counted FLOPs of full / method; efficiency = "
              "measured speed-up / ideal. KV bytes: measured on the cache; counted = 2 · kv_heads · head_dim · "
              "bytes · Σ layer lengths. Scoring (decoder-side methods): wall time of the method's `scores` + "
              "`select` calls inside the same timed prefill, as a share of it (median over repeats; – where not "
-             "measured).", "",
+             "measured)." + _spread(b["rows"]["full"]), "",
              "| setting | layer lengths | measured speed-up | ideal | efficiency | scoring / prefill "
              "| KV bytes measured | counted |",
              "|---|---|---|---|---|---|---|---|"]
@@ -291,6 +312,16 @@ def _speed_table(b: dict, repeats) -> list[str]:
         lines.append(f"| {name} | {shown} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['efficiency']:.2f} "
                      f"| {scoring} | {r['kv_bytes']} | {r['kv_bytes_counted']} |")
     return lines + [""]
+
+
+def _spread(full: dict) -> str:
+    """How much the same full prefill's time moved over the run: the noise every ratio of the table carries."""
+    times = full.get("times", [])
+    if len(times) < 2:
+        return ""
+    lo, hi = min(times), max(times)
+    return (f" The full prefill, timed {len(times)} times, took {lo * 1e3:.1f}–{hi * 1e3:.1f} ms ({hi / lo:.1f}× "
+            "apart): single ratios carry that machine's noise.")
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:

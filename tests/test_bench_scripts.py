@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from vlmkit.testing import tiny_vlm
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -54,6 +56,11 @@ def test_bench_methods_writes_the_report_with_exact_kv_bytes(tmp_path):
     for rows in (a["random"], a["FastV"], {"": r for r in b.values()}):
         for r in rows.values():
             assert r["kv_bytes"] == r["kv_bytes_counted"]
+    # paired timing: full, random, full, FastV, full — each setting's speed-up from the full prefills around it
+    assert results["B"]["timing"] == "paired" and len(b["full"]["times"]) == 3
+    assert len(b["random @ 0.5"]["times"]) == len(b["FastV @ 0.5"]["times"]) == 1
+    t_full, t_random = b["full"]["times"], b["random @ 0.5"]["times"][0]
+    assert b["random @ 0.5"]["speedup"] == pytest.approx((t_full[0] + t_full[1]) / 2 / t_random)
     full = b["full"]["layer_lengths"]
     assert b["FastV @ 0.5"]["layer_lengths"][:2] == full[:2] and b["FastV @ 0.5"]["layer_lengths"][2] < full[2]
     assert "| FastV | 0.5 |" in report and "| random @ 0.5 |" in report
