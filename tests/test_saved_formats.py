@@ -38,8 +38,14 @@ def test_format_1_save_loads_with_identical_outputs():
     expected = load_file(V1 / "expected_outputs.safetensors")
     batch = _v1_batch(processor)
     with torch.no_grad():
-        assert torch.equal(wrapped(**batch).logits, expected["logits"])
+        _assert_fixture_logits(wrapped(**batch).logits, expected["logits"])
         assert torch.equal(wrapped.generate(**batch, max_new_tokens=4, do_sample=False), expected["generated"])
+
+
+def _assert_fixture_logits(logits: torch.Tensor, expected: torch.Tensor) -> None:
+    """The fixture was computed on another CPU: float32 kernels round differently across CPUs (1.8e-7 at most
+    on logits of magnitude ≤ 0.62, measured on a second machine), a wrong or missing weight moves them by far more."""
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
 def test_format_1_resaved_as_format_2_round_trips(tmp_path):
@@ -51,7 +57,9 @@ def test_format_1_resaved_as_format_2_round_trips(tmp_path):
     again = vlmkit.load(tiny_vlm("llava", seed=0)[0], tmp_path)
     batch = _v1_batch(processor)
     with torch.no_grad():
-        assert torch.equal(again(**batch).logits, load_file(V1 / "expected_outputs.safetensors")["logits"])
+        resaved = again(**batch).logits
+        assert torch.equal(resaved, wrapped(**batch).logits)  # same machine: bit for bit
+        _assert_fixture_logits(resaved, load_file(V1 / "expected_outputs.safetensors")["logits"])
 
 
 def test_saved_keys_do_not_depend_on_the_stage_list(tmp_path):
