@@ -282,9 +282,51 @@ def section_b(methods: dict, args) -> dict:
         rows[name]["efficiency"] = rows[name]["speedup"] / rows[name]["ideal"]
         if scoring[name]:
             rows[name]["scoring_fraction"] = statistics.median(scoring[name])
+    full_len = rows["full"]["layer_lengths"][0]
+    shorter = sorted({r["layer_lengths"][0] for r in rows.values()
+                      if len(set(r["layer_lengths"])) == 1 and r["layer_lengths"][0] < full_len}, reverse=True)
     return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
                       f"batch {args.batch}, prefill of the full prompt {base_t * 1e3:.1f} ms",
-            "layers": args.layers, "full_layers": full_layers, "rows": rows, "timing": "paired"}
+            "layers": args.layers, "full_layers": full_layers, "rows": rows, "timing": "paired",
+            "ceiling": machine_ceiling(model.model.language_model, full_len, shorter, args, device, dtype)}
+
+
+def machine_ceiling(language_model, full_len: int, lengths: list[int], args, device: str, dtype) -> dict:
+    """What this machine gives back for fewer tokens, with no pruning code involved: the unwrapped decoder stack on
+    random ``inputs_embeds`` [B, n, hidden] of ``full_len`` and of each shorter uniform length the pre-LLM rows ran
+    at, timed paired as section B (full, n1, full, n2, full, … each repeat). Its efficiency (measured / counted
+    FLOPs ratio) is what a pre-LLM method at the same length can expect here: GEMMs over fewer rows run at a lower
+    FLOP rate, so a row below 1 need not be the pruner's overhead."""
+    import torch
+
+    bc = _bench_compression()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    embeds = {n: torch.randn(args.batch, n, language_model.config.hidden_size, generator=g).to(device, dtype)
+              for n in [full_len, *lengths]}
+
+    def run(n: int):
+        mask = torch.ones(args.batch, n, dtype=torch.long, device=device)
+        with torch.no_grad():
+            language_model(inputs_embeds=embeds[n], attention_mask=mask, use_cache=True)
+
+    flops = {n: bc.counted_flops(lambda n=n: run(n)) for n in embeds}
+    times: dict[int, list[float]] = {n: [] for n in embeds}
+    paired: dict[int, list[float]] = {n: [] for n in lengths}
+    for _ in range(args.repeats if lengths else 0):
+        before = bc.timed(lambda: run(full_len), device)
+        times[full_len].append(before)
+        for n in lengths:
+            t = bc.timed(lambda n=n: run(n), device)
+            after = bc.timed(lambda: run(full_len), device)
+            times[n].append(t)
+            times[full_len].append(after)
+            paired[n].append((before + after) / 2 / t)
+            before = after
+    rows = {}
+    for n in lengths:
+        speedup, ideal = statistics.median(paired[n]), flops[full_len] / flops[n]
+        rows[str(n)] = {"speedup": speedup, "ideal": ideal, "efficiency": speedup / ideal, "times": times[n]}
+    return {"full_len": full_len, "full_times": times[full_len], "rows": rows}
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -311,6 +353,20 @@ def _speed_table(b: dict, repeats) -> list[str]:
         scoring = f"{100 * r['scoring_fraction']:.2f} %" if "scoring_fraction" in r else "–"
         lines.append(f"| {name} | {shown} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['efficiency']:.2f} "
                      f"| {scoring} | {r['kv_bytes']} | {r['kv_bytes_counted']} |")
+    return lines + [""] + _ceiling_table(b.get("ceiling"))
+
+
+def _ceiling_table(c: dict | None) -> list[str]:
+    """The machine's own efficiency at the pre-LLM rows' lengths (runs before it was measured have none)."""
+    if not c or not c["rows"]:
+        return []
+    lines = [f"The machine's ceiling, same run: the unwrapped decoder stack alone on {c['full_len']} vs fewer "
+             "`inputs_embeds` tokens, paired the same way, no pruning code involved. Its efficiency is what a pre-LLM "
+             "pruner at that length can expect on this machine (fewer tokens make smaller GEMMs, which run at a "
+             "lower FLOP rate); the rows' spread around it is the machine's noise.", "",
+             "| decoder tokens | measured speed-up | ideal (counted FLOPs) | efficiency |", "|---|---|---|---|"]
+    for n, r in c["rows"].items():
+        lines.append(f"| {c['full_len']} → {n} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['efficiency']:.2f} |")
     return lines + [""]
 
 
@@ -362,7 +418,7 @@ def write_report(a: dict | None, b: dict | None, args, seconds: float) -> Path:
     for extra in args.speed_from:
         earlier = json.loads(Path(extra).read_text())
         lines += _speed_table(earlier["B"], earlier.get("repeats", "?"))
-        lines[-1:] = [f"Measured by `{earlier.get('command', '?')}`.", ""]
+        lines += [f"Measured by `{earlier.get('command', '?')}`.", ""]  # after the blank line: not a table row
     path = out / "methods.md"
     path.write_text("\n".join(lines))
     (out / "methods_results.json").write_text(json.dumps(

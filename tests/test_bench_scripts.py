@@ -64,3 +64,11 @@ def test_bench_methods_writes_the_report_with_exact_kv_bytes(tmp_path):
     full = b["full"]["layer_lengths"]
     assert b["FastV @ 0.5"]["layer_lengths"][:2] == full[:2] and b["FastV @ 0.5"]["layer_lengths"][2] < full[2]
     assert "| FastV | 0.5 |" in report and "| random @ 0.5 |" in report
+    # the machine's ceiling: the bare decoder stack at random's (pre-LLM, uniform) length, paired against the full one
+    ceiling = results["B"]["ceiling"]
+    short = b["random @ 0.5"]["layer_lengths"][0]
+    assert ceiling["full_len"] == full[0] and list(ceiling["rows"]) == [str(short)]
+    c, c_full = ceiling["rows"][str(short)], ceiling["full_times"]
+    assert len(c_full) == 2 and c["speedup"] == pytest.approx((c_full[0] + c_full[1]) / 2 / c["times"][0])
+    assert c["ideal"] > 1 and c["efficiency"] == pytest.approx(c["speedup"] / c["ideal"])
+    assert f"| {full[0]} → {short} |" in report
