@@ -231,6 +231,7 @@ def section_b(methods: dict, args) -> dict:
     import torch
 
     from vlmkit.config import parse_stage_spec
+    from vlmkit.families.registry import family_for
     from vlmkit.wrapper import unwrap, wrap
 
     bc = _bench_compression()
@@ -260,17 +261,8 @@ def section_b(methods: dict, args) -> dict:
         unwrap(wrapped)
         return t
 
-    # Paired: full, s1, full, s2, full, … each repeat; a setting's speed-up is the mean of the full prefills
-    # timed just before and after it over its own time, so drifts of the machine's speed (on a shared 2-core VM a
-    # fixed GEMM's time moved between 0.18 and 0.52 s within a minute) cancel instead of landing on one setting.
-    paired: dict[str, list[float]] = {name: [] for name in settings if name != "full"}
-    for _ in range(args.repeats):
-        before = prefill("full")
-        for name in paired:
-            t = prefill(name)
-            after = prefill("full")
-            paired[name].append((before + after) / 2 / t)
-            before = after
+    paired = paired_speedups(lambda: prefill("full"), {name: (lambda name=name: prefill(name))
+                                                       for name in settings if name != "full"}, args.repeats)
     base_t, base_f = statistics.median(times["full"]), cost["full"]["flops"]
     rows = {}
     for name in settings:
@@ -288,10 +280,26 @@ def section_b(methods: dict, args) -> dict:
     return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
                       f"batch {args.batch}, prefill of the full prompt {base_t * 1e3:.1f} ms",
             "layers": args.layers, "full_layers": full_layers, "rows": rows, "timing": "paired",
-            "ceiling": machine_ceiling(model.model.language_model, full_len, shorter, args, device, dtype)}
+            "ceiling": machine_ceiling(family_for(model).language_model, full_len, shorter, args, device, dtype, bc)}
 
 
-def machine_ceiling(language_model, full_len: int, lengths: list[int], args, device: str, dtype) -> dict:
+def paired_speedups(full, settings: dict, repeats: int) -> dict[str, list[float]]:
+    """Per setting, its speed-up in each repeat: ``full`` and every ``settings[name]`` are callables that run once and
+    return their time. Each repeat times full, s1, full, s2, full, …; a setting's speed-up is the mean of the full
+    runs just before and after it over its own time, so drifts of the machine's speed (on a shared 2-core VM a fixed
+    GEMM's time moved between 0.18 and 0.52 s within a minute) cancel instead of landing on one setting."""
+    paired: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(repeats):
+        before = full()
+        for name, run in settings.items():
+            t = run()
+            after = full()
+            paired[name].append((before + after) / 2 / t)
+            before = after
+    return paired
+
+
+def machine_ceiling(language_model, full_len: int, lengths: list[int], args, device: str, dtype, bc) -> dict:
     """What this machine gives back for fewer tokens, with no pruning code involved: the unwrapped decoder stack on
     random ``inputs_embeds`` [B, n, hidden] of ``full_len`` and of each shorter uniform length the pre-LLM rows ran
     at, timed paired as section B (full, n1, full, n2, full, … each repeat). Its efficiency (measured / counted
@@ -299,7 +307,6 @@ def machine_ceiling(language_model, full_len: int, lengths: list[int], args, dev
     FLOP rate, so a row below 1 need not be the pruner's overhead."""
     import torch
 
-    bc = _bench_compression()
     g = torch.Generator(device="cpu").manual_seed(0)
     embeds = {n: torch.randn(args.batch, n, language_model.config.hidden_size, generator=g).to(device, dtype)
               for n in [full_len, *lengths]}
@@ -309,19 +316,15 @@ def machine_ceiling(language_model, full_len: int, lengths: list[int], args, dev
         with torch.no_grad():
             language_model(inputs_embeds=embeds[n], attention_mask=mask, use_cache=True)
 
-    flops = {n: bc.counted_flops(lambda n=n: run(n)) for n in embeds}
     times: dict[int, list[float]] = {n: [] for n in embeds}
-    paired: dict[int, list[float]] = {n: [] for n in lengths}
-    for _ in range(args.repeats if lengths else 0):
-        before = bc.timed(lambda: run(full_len), device)
-        times[full_len].append(before)
-        for n in lengths:
-            t = bc.timed(lambda n=n: run(n), device)
-            after = bc.timed(lambda: run(full_len), device)
-            times[n].append(t)
-            times[full_len].append(after)
-            paired[n].append((before + after) / 2 / t)
-            before = after
+
+    def timed(n: int) -> float:
+        times[n].append(bc.timed(lambda: run(n), device))
+        return times[n][-1]
+
+    flops = {n: bc.counted_flops(lambda n=n: run(n)) for n in embeds}
+    paired = paired_speedups(lambda: timed(full_len), {n: (lambda n=n: timed(n)) for n in lengths},
+                             args.repeats if lengths else 0)
     rows = {}
     for n in lengths:
         speedup, ideal = statistics.median(paired[n]), flops[full_len] / flops[n]
