@@ -2,7 +2,9 @@
 
 Writes ``docs/methods.md`` (tables) and ``docs/methods_tradeoff.png`` (accuracy against the visual tokens the
 decoder layers see). Methods are read from the registry (``vlmkit.demo.sweep_methods()``: every pruner and each
-of its variants), so a newly registered pruner is a new row; random pruning is always one.
+of its variants), so a newly registered pruner is a new row; random pruning is always one. Decoder stages without a
+keep budget (VTW: every visual token withdrawn before its layer K) are rows at keep 0, at their default K: what
+their later layers see (``withdrawal_methods``).
 
 A. Shapes model (``vlmkit/assets/shapes-llava-tiny``), the evaluation harness with the same questions for every
    row: VQA accuracy (``shapes_vqa``) and referring cIoU (``shapes_refseg``) at each keep ratio; and, measured on
@@ -13,10 +15,14 @@ A. Shapes model (``vlmkit/assets/shapes-llava-tiny``), the evaluation harness wi
 B. Real width (``configs/llava-1.5-7b-hf.json``, random weights, ``--layers`` decoder layers): prefill time of
    the wrapped model vs no pruning, measured side by side (each setting between two full prefills, medians of the
    paired ratios), the ideal speed-up from counted FLOPs, their ratio, and the KV-cache bytes measured vs counted
-   from the layer lengths (2 · kv_heads · head_dim · bytes per cached token). For decoder-side methods, the wall
-   time of their scoring and selection (every call of the stage's ``scores`` / ``select``, timed inside the same
-   timed prefills; ``scoring_timer``) as a share of the prefill. ``--dtype bfloat16`` builds the model directly in
-   bf16 (13.5 GB at 32 layers), so the CPU can run the full depth.
+   from the layer lengths (2 · kv_heads · head_dim · bytes per cached token). The prefill timed is ``generate``'s
+   with one new token through ``wrap(..., pad_to_multiple_of=--pad-to-multiple-of)`` (default 8, as
+   ``scripts/bench_compression.py`` pads FoPru: on a 2-core CPU the 4096-wide float32 GEMMs ran up to 17 % slower
+   at 199 rows than at 200); the ideal counts the unpadded lengths, so the padding is charged to the method. On
+   the CPU in float32 the decoder's linears are pre-packed for oneDNN as there (``--cpu-linear``). For
+   decoder-side methods, the wall time of their scoring and selection (every call of the stage's ``scores`` /
+   ``select``, timed inside the same timed prefills; ``scoring_timer``) as a share of the prefill. ``--dtype
+   bfloat16`` builds the model directly in bf16 (13.5 GB at 32 layers), so the CPU can run the full depth.
 
 ``--accuracy-from`` takes section A's rows of the methods an earlier run measured from its
 ``methods_results.json`` and measures only the others (A's numbers do not depend on the other rows); section B is
@@ -49,9 +55,16 @@ def parse_args(argv):
     p.add_argument("--config", default=None, help="LLaVA config.json for B (default configs/llava-1.5-7b-hf.json)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (B)")
     p.add_argument("--batch", type=int, default=1, help="prompts per prefill (B; the cost rows are per batch)")
+    p.add_argument("--pad-to-multiple-of", type=int, default=8,
+                   help="B: the prompt generate prefills is left-padded to a multiple of this after pruning, as "
+                        "`vlmkit.wrap(..., pad_to_multiple_of=N)` does (0: not padded); ideals count unpadded lengths")
+    p.add_argument("--cpu-linear", choices=["onednn", "mkl"], default="onednn",
+                   help="B on the CPU in float32: the decoder's linears pre-packed for oneDNN once, as "
+                        "scripts/bench_compression.py times FoPru (the usual CPU inference route), or plain MKL "
+                        "sgemm (repacks the weights on every call, a cost that does not shrink with the tokens)")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--methods", nargs="*", default=None, help="method labels to run (default: every pruner)")
+    p.add_argument("--methods", nargs="*", default=None, help="method labels to run (default: every pruner, and VTW)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="B's weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
@@ -78,6 +91,15 @@ def _bench_compression():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def withdrawal_methods() -> dict[str, str]:
+    """Label → compress spec of the registered decoder stages without a keep budget (``pruner`` False: VTW, which
+    withdraws every visual token before its layer K): rows at keep 0, what their later layers see, at the
+    method's default K."""
+    from vlmkit.config import registered_configs
+
+    return {cls.title(): cls.type for cls in registered_configs(role="decoder", pruner=False)}
 
 
 # --- measuring one prefill ------------------------------------------------------------------------------
@@ -153,8 +175,8 @@ def scoring_timer(wrapped, device: str):
 
 
 # --- A: the shapes model ----------------------------------------------------------------------------------
-def section_a(methods: dict, args, earlier: dict | None = None) -> dict:
-    """Section A; ``earlier``: section A of an earlier run, whose rows (per method and keep) are taken as they are.
+def section_a(plan: dict, args, earlier: dict | None = None) -> dict:
+    """Section A over ``plan`` (label → keep → compress spec); ``earlier``: section A of an earlier run, whose rows (per method and keep) are taken as they are.
     ``measured_by`` names, per method of an earlier run, the command that measured it (carried over from run to run;
     methods measured by this run are not listed)."""
     import torch
@@ -195,14 +217,14 @@ def section_a(methods: dict, args, earlier: dict | None = None) -> dict:
     rows = {"full": old["full"]} if 1.0 in old.get("full", {}) else {"full": {1.0: one("full", [])}}
     if "full" in by and 1.0 in old.get("full", {}):
         reused.append("full")
-    for label, method_spec in methods.items():
+    for label, per_keep in plan.items():
         rows[label] = {}
-        if all(keep in old.get(label, {}) for keep in args.keeps):
-            rows[label] = {keep: old[label][keep] for keep in args.keeps}
+        if all(keep in old.get(label, {}) for keep in per_keep):
+            rows[label] = {keep: old[label][keep] for keep in per_keep}
             reused.append(label)
             continue
-        for keep in args.keeps:
-            rows[label][keep] = one(label, [method_spec.format(k=keep)])
+        for keep, method_spec in per_keep.items():
+            rows[label][keep] = one(label, [method_spec])
             if not args.quiet:
                 r = rows[label][keep]
                 print(f"  {label:18s} keep {keep:<5} VQA {r['vqa']:.3f} cIoU {r['ciou']:.3f} "
@@ -227,7 +249,7 @@ def _provenance(a: dict) -> str:
 
 
 # --- B: real width ------------------------------------------------------------------------------------------
-def section_b(methods: dict, args) -> dict:
+def section_b(plan: dict, args) -> dict:
     import torch
 
     from vlmkit.config import parse_stage_spec
@@ -243,18 +265,37 @@ def section_b(methods: dict, args) -> dict:
     model = bc.build_model(config, device, dtype)
     ids, mask, pixels = bc.synthetic_batch(config, args.batch, 35, 20, device, dtype)
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-    settings = {"full": []} | {f"{label} @ {keep}": [method_spec.format(k=keep)]
-                               for label, method_spec in methods.items() for keep in args.keeps}
+    pad = args.pad_to_multiple_of or None
+    settings = {"full": []} | {f"{label} @ {keep}": [method_spec]
+                               for label, per_keep in plan.items() for keep, method_spec in per_keep.items()}
     cost, times, scoring = {}, {name: [] for name in settings}, {name: [] for name in settings}
+
+    def first_token(wrapped):  # generate's prefill: the prompt as users run it (re-padded, positions kept)
+        return wrapped.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
     for name, compress in settings.items():
         wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
         cost[name] = measure_prefill(wrapped, inputs)
         unwrap(wrapped)
+    full_len = cost["full"]["layer_lengths"][0]
+    shorter = sorted({c["layer_lengths"][0] for c in cost.values()
+                      if len(set(c["layer_lengths"])) == 1 and c["layer_lengths"][0] < full_len}, reverse=True)
+    ceiling = machine_ceiling(family_for(model).language_model, full_len, shorter, args, device, dtype, bc)
+    onednn = device == "cpu" and dtype == torch.float32 and args.cpu_linear == "onednn"
+    if onednn:  # after every FLOP count: the counter does not see packed linears
+        bc.prepack_decoder(model)
+    for name, compress in settings.items():
+        wrapped = wrap(model, *[parse_stage_spec(c) for c in compress], pad_to_multiple_of=pad)
+        seen: list[int] = []  # the prompt length the timed route prefills (also its warm-up)
+        wrapped.register_assemble_hook(lambda _, batch: seen.append(int(batch.inputs_embeds.shape[1])))
+        first_token(wrapped)
+        cost[name]["timed_prompt_length"] = seen[0]
+        unwrap(wrapped)
 
     def prefill(name: str) -> float:
-        wrapped = wrap(model, *[parse_stage_spec(c) for c in settings[name]])
+        wrapped = wrap(model, *[parse_stage_spec(c) for c in settings[name]], pad_to_multiple_of=pad)
         with torch.no_grad(), scoring_timer(wrapped, device) as spent:
-            t = bc.timed(lambda: wrapped(**inputs, use_cache=True, logits_to_keep=1), device)
+            t = bc.timed(lambda: first_token(wrapped), device)
         times[name].append(t)
         if spent:  # a decoder-side method scored: its share of this very prefill
             scoring[name].append(sum(spent) / t)
@@ -274,13 +315,12 @@ def section_b(methods: dict, args) -> dict:
         rows[name]["efficiency"] = rows[name]["speedup"] / rows[name]["ideal"]
         if scoring[name]:
             rows[name]["scoring_fraction"] = statistics.median(scoring[name])
-    full_len = rows["full"]["layer_lengths"][0]
-    shorter = sorted({r["layer_lengths"][0] for r in rows.values()
-                      if len(set(r["layer_lengths"])) == 1 and r["layer_lengths"][0] < full_len}, reverse=True)
-    return {"device": f"{device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+    linears = "" if device != "cpu" or dtype != torch.float32 else \
+        f", decoder linears {'oneDNN pre-packed' if onednn else 'MKL sgemm (not pre-packed)'}"
+    return {"device": f"{device} {str(dtype).replace('torch.', '')}{linears}, {torch.get_num_threads()} threads, "
                       f"batch {args.batch}, prefill of the full prompt {base_t * 1e3:.1f} ms",
             "layers": args.layers, "full_layers": full_layers, "rows": rows, "timing": "paired",
-            "ceiling": machine_ceiling(family_for(model).language_model, full_len, shorter, args, device, dtype, bc)}
+            "route": "generate", "pad_to_multiple_of": pad, "ceiling": ceiling()}
 
 
 def paired_speedups(full, settings: dict, repeats: int) -> dict[str, list[float]]:
@@ -299,44 +339,64 @@ def paired_speedups(full, settings: dict, repeats: int) -> dict[str, list[float]
     return paired
 
 
-def machine_ceiling(language_model, full_len: int, lengths: list[int], args, device: str, dtype, bc) -> dict:
+def machine_ceiling(language_model, full_len: int, lengths: list[int], args, device: str, dtype, bc):
     """What this machine gives back for fewer tokens, with no pruning code involved: the unwrapped decoder stack on
     random ``inputs_embeds`` [B, n, hidden] of ``full_len`` and of each shorter uniform length the pre-LLM rows ran
     at, timed paired as section B (full, n1, full, n2, full, … each repeat). Its efficiency (measured / counted
     FLOPs ratio) is what a pre-LLM method at the same length can expect here: GEMMs over fewer rows run at a lower
-    FLOP rate, so a row below 1 need not be the pruner's overhead."""
+    FLOP rate, so a row below 1 need not be the pruner's overhead. With ``--pad-to-multiple-of`` each length is
+    timed left-padded (masked) as the rows are, and its FLOPs counted unpadded.
+
+    Counts the FLOPs now and returns the timing as a callable (→ the result dict), so the caller can pre-pack the
+    linears in between and time the ceiling after the rows, on the same weights."""
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    embeds = {n: torch.randn(args.batch, n, language_model.config.hidden_size, generator=g).to(device, dtype)
-              for n in [full_len, *lengths]}
+    pad = args.pad_to_multiple_of
 
-    def run(n: int):
-        mask = torch.ones(args.batch, n, dtype=torch.long, device=device)
+    def inputs(n: int, total: int) -> dict:
+        mask = torch.ones(args.batch, total, dtype=torch.long, device=device)
+        mask[:, : total - n] = 0
+        return {"inputs_embeds": torch.randn(args.batch, total, language_model.config.hidden_size,
+                                             generator=g).to(device, dtype), "attention_mask": mask}
+
+    made = {(n, padded): inputs(n, -(-n // pad) * pad if pad and padded else n)
+            for n in [full_len, *lengths] for padded in (False, True)}
+
+    def run(n: int, padded: bool = True):
         with torch.no_grad():
-            language_model(inputs_embeds=embeds[n], attention_mask=mask, use_cache=True)
+            language_model(**made[n, padded], use_cache=True)
 
-    times: dict[int, list[float]] = {n: [] for n in embeds}
+    times: dict[int, list[float]] = {n: [] for n in [full_len, *lengths]}
 
     def timed(n: int) -> float:
         times[n].append(bc.timed(lambda: run(n), device))
         return times[n][-1]
 
-    flops = {n: bc.counted_flops(lambda n=n: run(n)) for n in embeds}
-    paired = paired_speedups(lambda: timed(full_len), {n: (lambda n=n: timed(n)) for n in lengths},
-                             args.repeats if lengths else 0)
-    rows = {}
-    for n in lengths:
-        speedup, ideal = statistics.median(paired[n]), flops[full_len] / flops[n]
-        rows[str(n)] = {"speedup": speedup, "ideal": ideal, "efficiency": speedup / ideal, "times": times[n]}
-    return {"full_len": full_len, "full_times": times[full_len], "rows": rows}
+    flops = {n: bc.counted_flops(lambda n=n: run(n, padded=False)) for n in times}
+
+    def measure() -> dict:
+        for n in times:  # warm-up on the weights as they are now
+            run(n)
+        paired = paired_speedups(lambda: timed(full_len), {n: (lambda n=n: timed(n)) for n in lengths},
+                                 args.repeats if lengths else 0)
+        rows = {}
+        for n in lengths:
+            speedup, ideal = statistics.median(paired[n]), flops[full_len] / flops[n]
+            rows[str(n)] = {"speedup": speedup, "ideal": ideal, "efficiency": speedup / ideal, "times": times[n]}
+        return {"full_len": full_len, "full_times": times[full_len], "rows": rows, "pad_to_multiple_of": pad or None}
+
+    return measure
 
 
 # --- report ----------------------------------------------------------------------------------------------
 def _speed_table(b: dict, repeats) -> list[str]:
+    device = b["device"]
+    if device.startswith("cpu float32") and "decoder linears" not in device:  # runs before --cpu-linear
+        device = device.replace("cpu float32", "cpu float32, decoder linears MKL sgemm (not pre-packed)", 1)
     lines = [f"## B. Real width: LLaVA-1.5-7B architecture, random weights, {b['layers']} of {b['full_layers']} "
-             f"decoder layers ({b['device']})", "",
-             "Whole wrapped prefill (vision tower, projector, decoder, `use_cache=True`, one token of logits), "
+             f"decoder layers ({device})", "",
+             _route(b)
              + (f"{repeats} repeats, each timing full, setting 1, full, setting 2, full, …: a setting's speed-up is "
                 "the median over repeats of (mean of the full prefills just before and after it) / its own time. "
                 if b.get("timing") == "paired" else  # runs before the paired timing
@@ -359,12 +419,25 @@ def _speed_table(b: dict, repeats) -> list[str]:
     return lines + [""] + _ceiling_table(b.get("ceiling"))
 
 
+def _route(b: dict) -> str:
+    """What was timed (runs before the generate route timed the wrapped forward, unpadded)."""
+    if b.get("route") != "generate":
+        return ("Whole wrapped prefill: `forward` (vision tower, projector, decoder, `use_cache=True`, one token of "
+                "logits), the prompt not padded (measured before the script timed `generate`'s padded prefill), ")
+    pad = b.get("pad_to_multiple_of")
+    return ("Whole wrapped prefill: `generate(max_new_tokens=1)` (vision tower, projector, decoder, one token), "
+            + (f"the pruned prompt left-padded to a multiple of {pad} (`wrap(..., pad_to_multiple_of={pad})`; ideals "
+               "and KV bytes count the unpadded lengths), " if pad else "the prompt not padded, "))
+
+
 def _ceiling_table(c: dict | None) -> list[str]:
     """The machine's own efficiency at the pre-LLM rows' lengths (runs before it was measured have none)."""
     if not c or not c["rows"]:
         return []
+    padded = f" (each left-padded to a multiple of {c['pad_to_multiple_of']}, FLOPs counted unpadded)" \
+        if c.get("pad_to_multiple_of") else ""
     lines = [f"The machine's ceiling, same run: the unwrapped decoder stack alone on {c['full_len']} vs fewer "
-             "`inputs_embeds` tokens, paired the same way, no pruning code involved. Its efficiency is what a pre-LLM "
+             f"`inputs_embeds` tokens{padded}, paired the same way, no pruning code involved. Its efficiency is what a pre-LLM "
              "pruner at that length can expect on this machine (fewer tokens make smaller GEMMs, which run at a "
              "lower FLOP rate); the rows' spread around it is the machine's noise.", "",
              "| decoder tokens | measured speed-up | ideal (counted FLOPs) | efficiency |", "|---|---|---|---|"]
@@ -399,7 +472,8 @@ def write_report(a: dict | None, b: dict | None, args, seconds: float) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Pruning methods side by side", "",
              f"Measured by `{args.command}` ({seconds:.0f} s); do not edit by hand. Every registered pruner (and each of its variants) is a row; random pruning is "
-             "the baseline every method must beat. The budget of every method is the number of visual tokens per "
+             "the baseline every method must beat; VTW, which withdraws every visual token before its layer K and "
+             "has no keep budget, is a row at keep 0 (its default K). The budget of every method is the number of visual tokens per "
              "image the language model's *later* layers see (`keep_ratio` / `num_keep`); decoder-side methods see "
              "all of them in their first layers, so the mean over layers is reported too.", ""]
     if a is not None:
@@ -443,13 +517,14 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     from vlmkit.demo import sweep_methods
 
-    methods = sweep_methods()
+    plan = {label: {keep: spec.format(k=keep) for keep in args.keeps} for label, spec in sweep_methods().items()}
+    plan |= {label: {0.0: spec} for label, spec in withdrawal_methods().items()}
     if args.methods:
-        unknown = sorted(set(args.methods) - set(methods))
+        unknown = sorted(set(args.methods) - set(plan))
         if unknown:
-            raise SystemExit(f"unknown method(s) {unknown}; registered: {list(methods)}")
-        methods = {k: v for k, v in methods.items() if k in args.methods}
-    print(f"methods: {', '.join(methods)}; keeps {args.keeps}", flush=True)
+            raise SystemExit(f"unknown method(s) {unknown}; registered: {list(plan)}")
+        plan = {k: v for k, v in plan.items() if k in args.methods}
+    print(f"methods: {', '.join(plan)}; keeps {args.keeps} (withdrawals: keep 0)", flush=True)
     args.command = "python scripts/bench_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     seconds = None
     if args.reuse:  # re-render (e.g. with other --speed-from tables) without measuring again
@@ -466,8 +541,8 @@ def main(argv=None) -> int:
             if earlier.get("limit", args.limit) != args.limit:
                 raise SystemExit(f"--accuracy-from {args.accuracy_from} used --limit {earlier['limit']}, "
                                  f"not {args.limit}")
-        a = None if args.skip_accuracy else section_a(methods, args, earlier)
-        b = None if args.skip_speed else section_b(methods, args)
+        a = None if args.skip_accuracy else section_a(plan, args, earlier)
+        b = None if args.skip_speed else section_b(plan, args)
     path = write_report(a, b, args, seconds if seconds is not None else time.perf_counter() - start)
     print(path.read_text())
     return 0

@@ -254,6 +254,16 @@ def test_stage_specs():
         parse_stage_spec("fopru:keep=0.5")
 
 
+def test_compress_takes_compressors_and_every_decoder_stage():
+    from vlmkit.evaluation.loading import compress_configs
+
+    # VTW has no keep budget (not a `pruner`) but drops visual tokens in the decoder: evaluated like FastV
+    assert [c.type for c in compress_configs(["fopru:0.5", "fastv:0.5", "vtw"])] == ["fopru", "fastv", "vtw"]
+    assert compress_configs(None) == []
+    with pytest.raises(ValueError, match="compress='v2pe': a 'position' stage, not a compressor or pruner"):
+        compress_configs(["v2pe:16"])
+
+
 # ---------------------------------------------------------------------------------------------
 # lmms-eval bridge
 # ---------------------------------------------------------------------------------------------

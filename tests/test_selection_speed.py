@@ -1,5 +1,7 @@
-"""The fast DART / DivPrune selections against frozen copies of their previous (loop-per-pivot /
-per-round / host-sync-per-pick) implementations: the same indices on random inputs, ties included.
+"""The fast DART / DivPrune / VisPruner selections against frozen copies of their previous (loop-per-pivot /
+per-round / host-sync-per-pick / one-image-at-a-time) implementations: the same indices on random inputs, ties
+included; the batched DivPrune and VisPruner selections ([B, N, D] at once) row by row against the previous
+one-image versions, and the pruning stages' ``compress`` taking that batched path for equal-size images.
 
 CPU timings measured when the fast versions landed (8 rows, 576 visual tokens; best of 3, 2 cores, noisy):
 DART (D=4096, 60 text tokens, k=64/128/192) 262-672 ms -> 70-110 ms (~3.7-6x); DivPrune (D=4096) ~140-170 ms ->
@@ -11,9 +13,12 @@ reverted.
 
 import random
 
+import pytest
 import torch
 
+import vlmkit
 from vlmkit.compress.divprune import divprune_select
+from vlmkit.compress.vispruner import vispruner_select
 from vlmkit.decoder.dart import dart_select
 
 DEDUP_STEP = 8
@@ -68,6 +73,24 @@ def _old_divprune_select(embeds, num_keep):
     return chosen.nonzero().flatten()
 
 
+def _old_vispruner_select(cls_attn, features, num_keep, important_ratio=0.5):
+    n_imp = int(num_keep * important_ratio)
+    n_div = num_keep - n_imp
+    order = torch.sort(cls_attn.detach().float(), descending=True, stable=True).indices
+    important, residual = order[:n_imp], order[n_imp:]
+    if n_div == 0:
+        residual = residual[:0]
+    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+    while residual.numel() - n_div > 0:
+        R = residual.numel()
+        a, b = residual[0::2], residual[1::2]
+        drop = min(DEDUP_STEP, R - n_div, a.numel())
+        dup = (x[a] @ x[b].T).amax(dim=1)
+        distinct = torch.sort(dup, descending=True, stable=True).indices[drop:]
+        residual = torch.cat([a[distinct], b])
+    return torch.cat([important, residual]).sort().values
+
+
 def _tied(g: torch.Generator, n: int, d: int) -> torch.Tensor:
     """[n, d] features with exact duplicates, scaled copies (equal cosine) and coarse values (equal scores)."""
     x = torch.randint(-2, 3, (n, d), generator=g).float()
@@ -111,3 +134,65 @@ def test_divprune_select_equals_old():
         rng = random.Random(seed)
         for k in sorted({1, 2, rng.randint(1, N), N // 4, N} - {0}):
             assert divprune_select(x, k).tolist() == _old_divprune_select(x, k).tolist(), (seed, k)
+
+
+def _images(seed: int, B: int):
+    """B images of N tokens [B, N, D] (tied or random) and CLS attentions [B, N] (coarse values tie)."""
+    g, N, _, D, *_ = _inputs(seed)
+    if seed % 2 == 0:
+        return torch.stack([_tied(g, N, D) for _ in range(B)]), torch.randint(0, 4, (B, N), generator=g).float()
+    return torch.randn(B, N, D, generator=g), torch.rand(B, N, generator=g)
+
+
+def test_batched_divprune_select_equals_each_image_alone():
+    for seed in range(12):
+        x, _ = _images(seed, 3)
+        N = x.shape[1]
+        for k in sorted({1, 2, N // 4, N // 2 + 1, N} - {0}):
+            got = divprune_select(x, k)
+            assert got.shape == (3, k)
+            assert got.tolist() == [_old_divprune_select(img, k).tolist() for img in x], (seed, k)
+            ref = divprune_select(x, k, "reference")
+            assert ref.tolist() == [divprune_select(img, k, "reference").tolist() for img in x], (seed, k)
+
+
+def test_batched_vispruner_select_equals_each_image_alone():
+    for seed in range(12):
+        feats, attn = _images(seed, 3)
+        G = feats.shape[1]
+        for k in sorted({1, 3, G // 4, G // 2 + 1, G} - {0}):
+            for ratio in (0.0, 0.5, 1.0):
+                got = vispruner_select(attn, feats, k, ratio)
+                assert got.shape == (3, k)
+                want = [_old_vispruner_select(a, f, k, ratio).tolist() for a, f in zip(attn, feats)]
+                assert got.tolist() == want, (seed, k, ratio)
+
+
+def test_batched_selection_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\[B, G\] and \[B, G, D\].*\(2, 5\) and \(2, 4, 3\)"):
+        vispruner_select(torch.rand(2, 5), torch.rand(2, 4, 3), 2)
+    with pytest.raises(ValueError, match=r"\[N, D\] or \[B, N, D\].*\(5,\)"):
+        divprune_select(torch.rand(5), 2)
+
+
+def test_prune_stage_selects_equal_size_images_in_one_batched_call():
+    """DivPrune's ``compress`` on 3 same-size images + 1 other size: one ``select_many`` for the three, ``select``
+    for the odd one, every image kept as its own ``select`` would keep it."""
+    from conftest import shared_tiny
+    from vlmkit.tokens import VisualTokens
+
+    g = torch.Generator().manual_seed(0)
+    images = [VisualTokens(torch.randn(h * w, 8, generator=g), torch.arange(h * w), (h, w))
+              for h, w in ((3, 4), (3, 4), (3, 3), (3, 4))]
+    wrapped = vlmkit.wrap(shared_tiny("llava")[0], vlmkit.DivPruneConfig(keep_ratio=0.5))
+    stage = wrapped.stages[0]
+    calls = {"many": [], "one": []}
+    many, one = stage.select_many, stage.select
+    stage.select_many = lambda tokens, k: calls["many"].append(len(tokens)) or many(tokens, k)
+    stage.select = lambda tokens, k: calls["one"].append(tokens.num_tokens) or one(tokens, k)
+    try:
+        kept = stage.compress(images)
+    finally:
+        vlmkit.unwrap(wrapped)
+    assert calls == {"many": [3], "one": [9]}
+    assert [t.index.tolist() for t in kept] == [divprune_select(t.embeds, t.num_tokens // 2).tolist() for t in images]

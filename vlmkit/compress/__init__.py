@@ -70,6 +70,15 @@ class PruneConfig(StageConfig):
         return k
 
 
+def same_size_groups(sizes: list[int]) -> list[list[int]]:
+    """Indices of ``sizes`` grouped by equal value, groups in order of first appearance: the images a batched
+    selection can take at once."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(sizes):
+        groups.setdefault(n, []).append(i)
+    return list(groups.values())
+
+
 class PruneStage(CompressorStage):
     """Base of pruning stages: budget check at ``attach``; ``compress`` keeps ``select(tokens, k)`` of each
     image's grid tokens, plus its newline tokens (see the module docstring)."""
@@ -86,18 +95,35 @@ class PruneStage(CompressorStage):
         """[K] strictly increasing positions into ``tokens`` (grid tokens only) to keep (override)."""
         raise NotImplementedError
 
+    def select_many(self, tokens: list["VisualTokens"], num_keep: int) -> "torch.Tensor | None":
+        """[n, K] positions for n ≥ 2 images of equal size without newline tokens, chosen in one batched pass
+        (override where the method's selection loop batches; the result must equal ``select`` on each image
+        alone). None: ``select`` one image at a time."""
+        return None
+
     def compress(self, tokens: list["VisualTokens"]) -> list["VisualTokens"]:
-        out = []
         for t in tokens:
             if t.num_tokens != t.num_uncompressed:
                 raise ValueError(
                     f"{self.config.type} prunes uncompressed images ({t.num_uncompressed} tokens) but got "
                     f"{t.num_tokens}: put it before other compressors"
                 )
-            grid = t.grid_positions()
-            if grid.numel() == t.num_tokens:  # no newline tokens
-                out.append(t.select(self.select(t, self.config.num_to_keep(t.num_tokens))))
+        out: list["VisualTokens | None"] = [None] * len(tokens)
+        grids = [t.grid_positions() for t in tokens]
+        plain = [i for i, (t, g) in enumerate(zip(tokens, grids)) if g.numel() == t.num_tokens]  # no newlines
+        for group in same_size_groups([tokens[i].num_tokens for i in plain]):
+            group = [plain[i] for i in group]
+            picked = None if len(group) < 2 else \
+                self.select_many([tokens[i] for i in group], self.config.num_to_keep(tokens[group[0]].num_tokens))
+            if picked is not None:
+                for i, keep in zip(group, picked):
+                    out[i] = tokens[i].select(keep)
+        for i, (t, grid) in enumerate(zip(tokens, grids)):
+            if out[i] is not None:
+                continue
+            if grid.numel() == t.num_tokens:
+                out[i] = t.select(self.select(t, self.config.num_to_keep(t.num_tokens)))
                 continue
             sub = t.select(grid)
-            out.append(t.keep_with_newlines(grid[self.select(sub, self.config.num_to_keep(sub.num_tokens))]))
+            out[i] = t.keep_with_newlines(grid[self.select(sub, self.config.num_to_keep(sub.num_tokens))])
         return out

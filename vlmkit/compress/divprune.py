@@ -68,36 +68,48 @@ class DivPruneConfig(PruneConfig):
         return super().num_to_keep(num_tokens)
 
 
+def _distances(embeds: torch.Tensor, distances: str) -> torch.Tensor:
+    """Cosine distances [N, N] of one image's tokens [N, D] (``distances``: module docstring)."""
+    if distances == "reference":  # the reference's pairwise_cosine_similarity, in the input dtype
+        x = embeds.detach()
+        x = x / x.norm(dim=1, keepdim=True)
+        return 1.0 - torch.mm(x, x.t())
+    x = torch.nn.functional.normalize(embeds.detach().float(), dim=-1)
+    return 1.0 - x @ x.T
+
+
 def divprune_select(embeds: torch.Tensor, num_keep: int, distances: str = "float32") -> torch.Tensor:
-    """Max–min diverse subset: embeds [N, D] -> LongTensor [K] of increasing indices (ties: lower index).
+    """Max–min diverse subset: embeds [N, D] -> LongTensor [K] of increasing indices (ties: lower index); or
+    embeds [B, N, D] (B images of N tokens) -> [B, K], each row what its image alone gives (one distance product
+    per image, so the values are the same; one greedy loop for all B, so B× fewer kernel launches per pick).
 
     ``distances``: ``"float32"`` or ``"reference"`` (module docstring)."""
-    N = embeds.shape[0]
+    if embeds.dim() not in (2, 3):
+        raise ValueError(f"embeds must be [N, D] or [B, N, D], got shape {tuple(embeds.shape)}")
+    batch = embeds if embeds.dim() == 3 else embeds[None]
+    B, N = batch.shape[:2]
     if not 1 <= num_keep <= N:
         raise ValueError(f"num_keep must be in 1..{N}, got {num_keep}")
     if distances not in DISTANCES:
         raise ValueError(f"distances must be one of {list(DISTANCES)}, got {distances!r}")
-    if distances == "reference":  # the reference's pairwise_cosine_similarity, in the input dtype
-        x = embeds.detach()
-        x = x / x.norm(dim=1, keepdim=True)
-        dist = 1.0 - torch.mm(x, x.t())  # [N, N]
-        if N > 1:  # second smallest of each column (the smallest: the token itself)
-            first = int(torch.argmax(torch.topk(dist, 2, dim=0, largest=False).values[1]))
-        else:
-            first = 0
-    else:
-        x = torch.nn.functional.normalize(embeds.detach().float(), dim=-1)
-        dist = 1.0 - x @ x.T  # [N, N] cosine distance
-        nearest = dist.masked_fill(torch.eye(N, dtype=torch.bool, device=dist.device), float("inf")).amin(dim=1)
-        first = int(torch.argmax(nearest)) if N > 1 else 0
-    chosen = torch.zeros(N, dtype=torch.bool, device=dist.device)
-    chosen[first] = True
-    min_dist = dist[first].clone()  # distance of every token to its closest kept token
+    dist = torch.stack([_distances(x, distances) for x in batch])  # [B, N, N]
+    if N == 1:
+        first = torch.zeros(B, dtype=torch.long, device=dist.device)
+    elif distances == "reference":  # per column, the second smallest (the smallest: the token itself)
+        first = torch.topk(dist, 2, dim=1, largest=False).values[:, 1].argmax(dim=-1)
+    else:  # the token farthest from its nearest other token
+        eye = torch.eye(N, dtype=torch.bool, device=dist.device)
+        first = dist.masked_fill(eye, float("inf")).amin(dim=2).argmax(dim=-1)
+    rows = lambda idx: dist.gather(1, idx[:, :, None].expand(B, 1, N))[:, 0]  # dist[b, idx[b]]: [B, N]
+    chosen = torch.zeros(B, N, dtype=torch.bool, device=dist.device)
+    chosen.scatter_(1, first[:, None], True)
+    min_dist = rows(first[:, None])  # distance of every token to its closest kept token
     for _ in range(num_keep - 1):  # index tensors, never read back to the host: no device sync per pick
-        nxt = torch.argmax(min_dist.masked_fill(chosen, float("-inf"))).view(1)
-        chosen.index_fill_(0, nxt, True)
-        min_dist = torch.minimum(min_dist, dist.index_select(0, nxt)[0])
-    return chosen.nonzero().flatten()
+        nxt = min_dist.masked_fill(chosen, float("-inf")).argmax(dim=-1, keepdim=True)  # [B, 1]
+        chosen.scatter_(1, nxt, True)
+        min_dist = torch.minimum(min_dist, rows(nxt))
+    kept = chosen.nonzero()[:, 1].view(B, num_keep)  # row-major: each row's indices increasing
+    return kept if embeds.dim() == 3 else kept[0]
 
 
 @register_stage(DivPruneConfig)
@@ -106,3 +118,6 @@ class DivPrune(PruneStage):
 
     def select(self, tokens: VisualTokens, num_keep: int) -> torch.Tensor:
         return divprune_select(tokens.embeds, num_keep, self.config.distances)
+
+    def select_many(self, tokens: list[VisualTokens], num_keep: int) -> torch.Tensor:
+        return divprune_select(torch.stack([t.embeds for t in tokens]), num_keep, self.config.distances)

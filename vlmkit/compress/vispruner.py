@@ -55,7 +55,7 @@ from typing import Iterator
 
 import torch
 
-from . import PruneConfig, PruneStage
+from . import PruneConfig, PruneStage, same_size_groups
 from ..config import register_stage
 from ..tokens import VisualTokens
 
@@ -83,30 +83,39 @@ class VisPrunerConfig(PruneConfig):
 def vispruner_select(cls_attn: torch.Tensor, features: torch.Tensor, num_keep: int,
                      important_ratio: float = 0.5) -> torch.Tensor:
     """VisPruner's selection: cls_attn [G] (CLS attention of each token), features [G, D] (pre-projector) ->
-    LongTensor [num_keep] of increasing indices (see the module docstring for the rule and its tie-breaking)."""
-    if cls_attn.dim() != 1 or features.dim() != 2 or features.shape[0] != cls_attn.shape[0]:
-        raise ValueError(f"cls_attn must be [G] and features [G, D], got shapes {tuple(cls_attn.shape)} and "
-                         f"{tuple(features.shape)}")
-    G = int(cls_attn.numel())
+    LongTensor [num_keep] of increasing indices (see the module docstring for the rule and its tie-breaking); or
+    cls_attn [B, G], features [B, G, D] (B images of G tokens) -> [B, num_keep], each row what its image alone
+    gives (normalisation and cosine products per image, so the values are the same; one round loop for all B)."""
+    batched = cls_attn.dim() == 2
+    if cls_attn.dim() not in (1, 2) or features.dim() != cls_attn.dim() + 1 \
+            or features.shape[:-1] != cls_attn.shape:
+        raise ValueError(f"cls_attn must be [G] and features [G, D] (or [B, G] and [B, G, D]), got shapes "
+                         f"{tuple(cls_attn.shape)} and {tuple(features.shape)}")
+    attn, feats = (cls_attn, features) if batched else (cls_attn[None], features[None])
+    B, G = attn.shape
     if not 1 <= num_keep <= G:
         raise ValueError(f"num_keep must be in 1..{G}, got {num_keep}")
     if not 0.0 <= float(important_ratio) <= 1.0:
         raise ValueError(f"important_ratio must be in [0, 1], got {important_ratio!r}")
     n_imp = int(num_keep * important_ratio)
     n_div = num_keep - n_imp
-    order = torch.sort(cls_attn.detach().float(), descending=True, stable=True).indices
-    important, residual = order[:n_imp], order[n_imp:]
+    order = torch.sort(attn.detach().float(), dim=-1, descending=True, stable=True).indices  # [B, G]
+    important, residual = order[:, :n_imp], order[:, n_imp:]
     if n_div == 0:
-        residual = residual[:0]
-    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
-    while residual.numel() - n_div > 0:
-        R = residual.numel()
-        a, b = residual[0::2], residual[1::2]  # b is not empty: R >= n_div + 1 >= 2
-        drop = min(DEDUP_STEP, R - n_div, a.numel())
-        dup = (x[a] @ x[b].T).amax(dim=1)  # highest cosine of each a-token to any b-token
-        distinct = torch.sort(dup, descending=True, stable=True).indices[drop:]
-        residual = torch.cat([a[distinct], b])
-    return torch.cat([important, residual]).sort().values
+        residual = residual[:, :0]
+    # per image, as alone: a batched norm or product may round differently (cuBLAS blocks a batch differently)
+    x = torch.stack([torch.nn.functional.normalize(f.detach().float(), dim=-1) for f in feats])  # [B, G, D]
+    rows = lambda idx: x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))  # x[b, idx[b]]
+    while residual.shape[1] - n_div > 0:
+        R = residual.shape[1]
+        a, b = residual[:, 0::2], residual[:, 1::2]  # b is not empty: R >= n_div + 1 >= 2
+        drop = min(DEDUP_STEP, R - n_div, a.shape[1])
+        xa, xb = rows(a), rows(b)
+        dup = torch.stack([xa[i] @ xb[i].T for i in range(B)]).amax(dim=-1)  # highest cosine of each a to any b
+        distinct = torch.sort(dup, dim=-1, descending=True, stable=True).indices[:, drop:]
+        residual = torch.cat([a.gather(1, distinct), b], dim=1)
+    kept = torch.cat([important, residual], dim=1).sort(dim=-1).values
+    return kept if batched else kept[0]
 
 
 # --- recording the tower's CLS attention and the projector's input (shared with VisionZip) ------------------
@@ -232,10 +241,14 @@ class VisPruner(ClsAttentionPruner):
     """Pre-LLM pruning by CLS attention (important) and duplicate removal (diverse); training-free."""
 
     def compress(self, tokens: list[VisualTokens]) -> list[VisualTokens]:
-        out = []
-        for t, grid, v in self.gather(tokens):
-            attn = v["attn"].mean(dim=-1)  # mean over heads
-            k = self.config.num_to_keep(int(grid.numel()))
-            keep = vispruner_select(attn, v["feats"], k, self.config.important_ratio)
-            out.append(self.with_scores(t, grid, attn).keep_with_newlines(grid[keep]))
+        images = list(self.gather(tokens))
+        out: list[VisualTokens | None] = [None] * len(images)
+        for group in same_size_groups([int(grid.numel()) for _, grid, _ in images]):  # one selection loop each
+            attn = torch.stack([images[i][2]["attn"].mean(dim=-1) for i in group])  # [n, G]: mean over heads
+            feats = torch.stack([images[i][2]["feats"] for i in group])  # [n, G, C']
+            k = self.config.num_to_keep(attn.shape[1])
+            keep = vispruner_select(attn, feats, k, self.config.important_ratio)
+            for i, scores, kept in zip(group, attn, keep):
+                t, grid, _ = images[i]
+                out[i] = self.with_scores(t, grid, scores).keep_with_newlines(grid[kept])
         return out

@@ -210,7 +210,9 @@ class DART(DecoderPruneStage):
         _, k, _ = family.decoder_qk(layer_index - 1, key_hidden, position_embeddings,
                                     query_index=torch.zeros((B, 1), dtype=torch.long, device=key_hidden.device))
         l1 = k.float().abs().sum(dim=(1, 3)).cpu()  # [B, S]: L1 over all (repeated) heads of the post-RoPE keys
-        states = family.decoder_final_norm(hidden).float().cpu()  # [B, S, D]
+        # [B, S, D] stays on the model's device: dart_select computes the cosines there and reads back only
+        # [pivots, N] of them (not B·S·D floats)
+        states = family.decoder_final_norm(hidden).float()
         device = valid.device
         image, newline, valid = layout.image.cpu(), layout.newline.cpu(), valid.cpu()
         query = query.cpu()
@@ -228,7 +230,8 @@ class DART(DecoderPruneStage):
                     continue
                 last = int(torch.nonzero(image[b] == key).max())
                 text = torch.nonzero(valid[b] & (image[b] < 0) & (ar > last) & (ar <= query[b])).flatten()
-                picked = dart_select(l1[b, cand], l1[b, text], states[b, cand], states[b, text], num_keep,
+                picked = dart_select(l1[b, cand], l1[b, text], states[b, cand.to(device)],
+                                     states[b, text.to(device)], num_keep,
                                      self.config.pivot_image, self.config.pivot_text,
                                      image_positions=position[cand], text_positions=position[text])
                 keep[b, cand[picked]] = 1.0

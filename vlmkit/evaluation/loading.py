@@ -81,6 +81,17 @@ def _stage_label(config) -> str:
     return config.type + (("-" + "-".join(parts)) if parts else "")
 
 
+def compress_configs(compress) -> list:
+    """``compress`` (specs like ``"fopru:0.25"`` or configs; None) as configs: compressors and decoder stages
+    (FastV, PDrop, DART, VTW); any other role is refused with its name (position schemes go to ``position=``)."""
+    configs = [parse_stage_spec(c) if isinstance(c, str) else c for c in (compress or ())]
+    for c in configs:
+        if c.role not in ("compressor", "decoder"):
+            raise ValueError(f"compress={c.type!r}: a {c.role!r} stage, not a compressor or pruner; "
+                             "give position schemes as position=…")
+    return configs
+
+
 def load_model(
     model: Any, processor: Any = None, compress: Sequence[Any] = (), position: Any = None,
     device: str | None = None, dtype: str | None = None,
@@ -98,11 +109,7 @@ def load_model(
     from .. import wrapper as core
     CONFIG_NAME, VLMWrapper, wrap, load_saved = core.CONFIG_NAME, core.VLMWrapper, core.wrap, core.load
 
-    configs = [parse_stage_spec(c) if isinstance(c, str) else c for c in (compress or ())]
-    for c in configs:  # compressors, and decoder stages with a token budget (FastV, PDrop)
-        if c.role != "compressor" and not c.pruner:
-            raise ValueError(f"compress={c.type!r}: a {c.role!r} stage, not a compressor or pruner; "
-                             "give position schemes as position=…")
+    configs = compress_configs(compress)
     if position is not None:
         configs.append(parse_stage_spec(position, "position") if isinstance(position, str) else position)
     if isinstance(model, tuple):

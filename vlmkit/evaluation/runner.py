@@ -36,7 +36,7 @@ from ..cli import ArgumentParser, command, doc_limit, positive_int, user_input
 from ..config import parse_stage_spec
 from .data import _effective_limit, load_docs
 from .distributed import _dist_info, _shard
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, compress_configs, load_model
 from .prediction import (apply_until, build_input_text, check_gen_kwargs, generate_batch, parse_gen_kwargs,
                          segment_batch)
 from .tracking import (_check_run_id, _done_records, _jsonable, _merge_task, _open_append, _resolve_run_id,
@@ -118,11 +118,7 @@ def evaluate(
                          "(tiny:<family> models are float32)")
     if compress is not None and isinstance(compress, str):
         compress = [compress]
-    configs = [parse_stage_spec(c) if isinstance(c, str) else c for c in (compress or ())]
-    for c in configs:  # compressors, and decoder stages with a token budget (FastV, PDrop)
-        if c.role != "compressor" and not c.pruner:
-            raise ValueError(f"compress={c.type!r}: a {c.role!r} stage, not a compressor or pruner; "
-                             "give position schemes as position=…")
+    configs = compress_configs(compress)
     if isinstance(position, str):
         position = parse_stage_spec(position, "position")
     dist = _dist_info(rank, world_size)
@@ -362,7 +358,7 @@ def cli_main(argv: list[str]) -> int:
                    help="the first N docs of each task, or a share in (0, 1) of them (default: all)")
     p.add_argument("--compress", action="append", default=None, metavar="SPEC",
                    help="compressor or pruner spec, repeatable: fopru:0.25 (a lone value is a keep ratio in (0, 1]), "
-                   "fopru:n=64 (keep 64 tokens), fopru:0.25,strategy=row, fastv:0.5 (default: none)")
+                   "fopru:n=64 (keep 64 tokens), fopru:0.25,strategy=row, fastv:0.5, vtw (default: none)")
     p.add_argument("--position", default=None, metavar="SPEC",
                    help="position scheme spec, e.g. v2pe:64 (default: none)")
     p.add_argument("--resume", action="store_true", help="continue the latest run in the output folder")
