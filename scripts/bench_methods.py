@@ -176,9 +176,9 @@ def scoring_timer(wrapped, device: str):
 
 # --- A: the shapes model ----------------------------------------------------------------------------------
 def section_a(plan: dict, args, earlier: dict | None = None) -> dict:
-    """Section A over ``plan`` (label → keep → compress spec); ``earlier``: section A of an earlier run, whose rows (per method and keep) are taken as they are.
-    ``measured_by`` names, per method of an earlier run, the command that measured it (carried over from run to run;
-    methods measured by this run are not listed)."""
+    """Section A over ``plan`` (label → keep → compress spec); ``earlier``: section A of an earlier run, whose rows
+    (per method and keep) are taken as they are. ``measured_by`` names, per method of an earlier run, the command
+    that measured it (carried over from run to run; methods measured by this run are not listed)."""
     import torch
 
     from vlmkit import Predictor
@@ -270,11 +270,14 @@ def section_b(plan: dict, args) -> dict:
                                for label, per_keep in plan.items() for keep, method_spec in per_keep.items()}
     cost, times, scoring = {}, {name: [] for name in settings}, {name: [] for name in settings}
 
+    def wrapped_as(name: str, **kwargs):
+        return wrap(model, *[parse_stage_spec(c) for c in settings[name]], **kwargs)
+
     def first_token(wrapped):  # generate's prefill: the prompt as users run it (re-padded, positions kept)
         return wrapped.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
 
-    for name, compress in settings.items():
-        wrapped = wrap(model, *[parse_stage_spec(c) for c in compress])
+    for name in settings:
+        wrapped = wrapped_as(name)
         cost[name] = measure_prefill(wrapped, inputs)
         unwrap(wrapped)
     full_len = cost["full"]["layer_lengths"][0]
@@ -284,8 +287,8 @@ def section_b(plan: dict, args) -> dict:
     onednn = device == "cpu" and dtype == torch.float32 and args.cpu_linear == "onednn"
     if onednn:  # after every FLOP count: the counter does not see packed linears
         bc.prepack_decoder(model)
-    for name, compress in settings.items():
-        wrapped = wrap(model, *[parse_stage_spec(c) for c in compress], pad_to_multiple_of=pad)
+    for name in settings:
+        wrapped = wrapped_as(name, pad_to_multiple_of=pad)
         seen: list[int] = []  # the prompt length the timed route prefills (also its warm-up)
         wrapped.register_assemble_hook(lambda _, batch: seen.append(int(batch.inputs_embeds.shape[1])))
         first_token(wrapped)
@@ -293,7 +296,7 @@ def section_b(plan: dict, args) -> dict:
         unwrap(wrapped)
 
     def prefill(name: str) -> float:
-        wrapped = wrap(model, *[parse_stage_spec(c) for c in settings[name]], pad_to_multiple_of=pad)
+        wrapped = wrapped_as(name, pad_to_multiple_of=pad)
         with torch.no_grad(), scoring_timer(wrapped, device) as spent:
             t = bc.timed(lambda: first_token(wrapped), device)
         times[name].append(t)
@@ -360,24 +363,23 @@ def machine_ceiling(language_model, full_len: int, lengths: list[int], args, dev
         return {"inputs_embeds": torch.randn(args.batch, total, language_model.config.hidden_size,
                                              generator=g).to(device, dtype), "attention_mask": mask}
 
-    made = {(n, padded): inputs(n, -(-n // pad) * pad if pad and padded else n)
-            for n in [full_len, *lengths] for padded in (False, True)}
-
-    def run(n: int, padded: bool = True):
+    def run(batch: dict):
         with torch.no_grad():
-            language_model(**made[n, padded], use_cache=True)
+            language_model(**batch, use_cache=True)
 
-    times: dict[int, list[float]] = {n: [] for n in [full_len, *lengths]}
+    made = {n: inputs(n, -(-n // pad) * pad if pad else n) for n in [full_len, *lengths]}  # as timed
+
+    times: dict[int, list[float]] = {n: [] for n in made}
 
     def timed(n: int) -> float:
-        times[n].append(bc.timed(lambda: run(n), device))
+        times[n].append(bc.timed(lambda: run(made[n]), device))
         return times[n][-1]
 
-    flops = {n: bc.counted_flops(lambda n=n: run(n, padded=False)) for n in times}
+    flops = {n: bc.counted_flops(lambda n=n: run(inputs(n, n))) for n in made}  # unpadded
 
     def measure() -> dict:
-        for n in times:  # warm-up on the weights as they are now
-            run(n)
+        for batch in made.values():  # warm-up on the weights as they are now
+            run(batch)
         paired = paired_speedups(lambda: timed(full_len), {n: (lambda n=n: timed(n)) for n in lengths},
                                  args.repeats if lengths else 0)
         rows = {}
@@ -437,9 +439,9 @@ def _ceiling_table(c: dict | None) -> list[str]:
     padded = f" (each left-padded to a multiple of {c['pad_to_multiple_of']}, FLOPs counted unpadded)" \
         if c.get("pad_to_multiple_of") else ""
     lines = [f"The machine's ceiling, same run: the unwrapped decoder stack alone on {c['full_len']} vs fewer "
-             f"`inputs_embeds` tokens{padded}, paired the same way, no pruning code involved. Its efficiency is what a pre-LLM "
-             "pruner at that length can expect on this machine (fewer tokens make smaller GEMMs, which run at a "
-             "lower FLOP rate); the rows' spread around it is the machine's noise.", "",
+             f"`inputs_embeds` tokens{padded}, paired the same way, no pruning code involved. Its efficiency is what "
+             "a pre-LLM pruner at that length can expect on this machine (fewer tokens make smaller GEMMs, which "
+             "run at a lower FLOP rate); the rows' spread around it is the machine's noise.", "",
              "| decoder tokens | measured speed-up | ideal (counted FLOPs) | efficiency |", "|---|---|---|---|"]
     for n, r in c["rows"].items():
         lines.append(f"| {c['full_len']} → {n} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['efficiency']:.2f} |")
@@ -471,10 +473,11 @@ def write_report(a: dict | None, b: dict | None, args, seconds: float) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Pruning methods side by side", "",
-             f"Measured by `{args.command}` ({seconds:.0f} s); do not edit by hand. Every registered pruner (and each of its variants) is a row; random pruning is "
-             "the baseline every method must beat; VTW, which withdraws every visual token before its layer K and "
-             "has no keep budget, is a row at keep 0 (its default K). The budget of every method is the number of visual tokens per "
-             "image the language model's *later* layers see (`keep_ratio` / `num_keep`); decoder-side methods see "
+             f"Measured by `{args.command}` ({seconds:.0f} s); do not edit by hand. Every registered pruner (and each "
+             "of its variants) is a row; random pruning is the baseline every method must beat; VTW, which withdraws "
+             "every visual token before its layer K and has no keep budget, is a row at keep 0 (its default K). The "
+             "budget of every method is the number of visual tokens per image the language model's *later* layers "
+             "see (`keep_ratio` / `num_keep`); decoder-side methods see "
              "all of them in their first layers, so the mean over layers is reported too.", ""]
     if a is not None:
         lines += [f"## A. Shipped shapes model ({a['model']})", "",
